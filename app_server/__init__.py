@@ -1,0 +1,1 @@
+"""The stateless HTTP tier: validate, encode, route to a worker, answer."""

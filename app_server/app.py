@@ -1,0 +1,123 @@
+"""``create_app(settings)``: the FastAPI application, its error mapping and its metrics middleware."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app_server import metrics
+from app_server.predict import Predictor, format_loc
+from app_server.routes import json_response, router
+from app_server.workers import WorkerPool
+from shared.errors import TandemError
+from shared.settings import AppSettings
+
+logger = logging.getLogger(__name__)
+
+
+class MetricsMiddleware:
+    """Counts and times every request by route template (pure ASGI: no per-request task overhead)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            name = getattr(route, "path", None) or "unmatched"
+            metrics.HTTP_REQUESTS.labels(name, str(status)).inc()
+            metrics.REQUEST_DURATION.labels(name).observe(time.perf_counter() - t0)
+
+
+def _error_response(request: Request, exc: TandemError) -> Response:
+    headers = {}
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    rid = getattr(request.state, "request_id", None)
+    if rid:
+        headers["X-Request-ID"] = rid
+    log = logger.warning if exc.http_status < 500 or exc.http_status in (503, 504) else logger.error
+    log(
+        "%s %s -> %d %s: %s",
+        request.method,
+        request.url.path,
+        exc.http_status,
+        exc.code,
+        exc.message,
+        extra={"request_id": rid},
+    )
+    return json_response(exc.to_body(), exc.http_status, headers)
+
+
+def create_app(settings: AppSettings, pool: WorkerPool | None = None) -> FastAPI:
+    pool = pool or WorkerPool(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        await pool.start()
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    app = FastAPI(
+        title="Tandem",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Model serving: stateless app servers, batching GPU workers.",
+    )
+    app.state.settings = settings
+    app.state.predictor = Predictor(settings, pool)
+    app.include_router(router)
+    app.add_middleware(MetricsMiddleware)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_endpoint() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(TandemError)
+    async def tandem_error(request: Request, exc: TandemError) -> Response:
+        return _error_response(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        details = [{"loc": format_loc(tuple(e["loc"])), "msg": e["msg"]} for e in exc.errors()]
+        first = details[0] if details else {"loc": "body", "msg": "invalid"}
+        return json_response(
+            {"error": {"code": "invalid_input", "message": f"{first['loc']}: {first['msg']}", "details": details}}, 422
+        )
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return json_response({"error": {"code": code, "message": str(exc.detail)}}, exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        logger.exception("unhandled error on %s", request.url.path)
+        return json_response({"error": {"code": "internal_error", "message": "internal error"}}, 500)
+
+    return app

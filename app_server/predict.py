@@ -1,0 +1,210 @@
+"""The /predict path: validate and encode for the version of the worker a request goes to, call it,
+retry where that is safe and the budget allows.
+
+Encoding is per version: a request is validated and encoded with the feature spec of the version its
+worker serves, and names that version on the wire. If the worker swapped meanwhile it answers
+``version_unavailable`` and the request is re-encoded for the new version, invisibly to the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import TypeAdapter, ValidationError
+
+from app_server import metrics
+from app_server.workers import WorkerConn, WorkerLost, WorkerPool
+from shared.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    ModelError,
+    NoWorkers,
+    Overloaded,
+    TooLarge,
+    from_wire,
+)
+from shared.features import FeatureSpec, predictions_from
+from shared.protocol import Status
+from shared.settings import AppSettings
+
+logger = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+
+_MESSAGES = {
+    "float_type": "expected number",
+    "finite_number": "expected a finite number",
+    "string_type": "expected string",
+    "bool_type": "expected boolean",
+    "int_type": "expected integer",
+    "extra_forbidden": "unknown field",
+    "missing": "required",
+    "list_type": "expected a list",
+    "model_type": "expected an object",
+    "dict_type": "expected an object",
+    "too_short": "must not be empty",
+}
+
+
+def format_loc(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in ("str", "int", "float", "bool") and path:
+            continue  # pydantic names the union member it tried; callers do not care
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def validation_error(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> InvalidInput:
+    details = []
+    seen: set[str] = set()
+    for err in exc.errors(include_url=False):
+        loc = format_loc(prefix + tuple(err["loc"]))
+        if loc in seen:
+            continue
+        seen.add(loc)
+        details.append({"loc": loc, "msg": _MESSAGES.get(err["type"], err["msg"])})
+    first = details[0]
+    more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+    return InvalidInput(f"{first['loc']}: {first['msg']}{more}", details=details)
+
+
+@dataclass(slots=True)
+class Prepared:
+    version: str
+    x: np.ndarray
+    input_name: str
+    output_name: str
+
+
+class VersionSpecs:
+    """Feature spec and request validator per (model, version), fetched once from a worker."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+        self._validators: dict[tuple[str, str], tuple[FeatureSpec, TypeAdapter[Any]]] = {}
+
+    async def get(self, conn: WorkerConn, model: str, version: str) -> tuple[FeatureSpec, TypeAdapter[Any]]:
+        key = (model, version)
+        found = self._validators.get(key)
+        if found is None:
+            desc = await self.pool.describe(conn, model, version)
+            spec = FeatureSpec.model_validate(desc["feature_spec"])
+            found = (spec, TypeAdapter(list[spec.instance_model]))  # type: ignore[name-defined]
+            self._validators[key] = found
+        return found
+
+
+class Predictor:
+    def __init__(self, settings: AppSettings, pool: WorkerPool) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.specs = VersionSpecs(pool)
+        self.in_flight = 0
+
+    def check_body(self, body: Any) -> list[Any]:
+        """Shape checks that need no feature spec: answered before any worker is involved."""
+        if not isinstance(body, dict):
+            raise InvalidInput('body: expected an object with an "instances" list')
+        unknown = set(body) - {"instances"}
+        if unknown:
+            raise InvalidInput(f"{sorted(unknown)[0]}: unknown field")
+        instances = body.get("instances")
+        if not isinstance(instances, list):
+            raise InvalidInput("instances: " + ("required" if instances is None else "expected a list"))
+        if not instances:
+            raise InvalidInput("instances: must not be empty")
+        if len(instances) > self.settings.max_instances:
+            raise TooLarge(f"instances: {len(instances)} instances, at most {self.settings.max_instances} per request")
+        return instances
+
+    async def prepare(self, conn: WorkerConn, version: str, instances: list[Any]) -> Prepared:
+        spec, validator = await self.specs.get(conn, self.settings.model, version)
+        t0 = time.perf_counter()
+        try:
+            validated = validator.validate_python(instances)
+        except ValidationError as exc:
+            raise validation_error(exc, ("instances",)) from None
+        rows = [inst.__dict__ for inst in validated]
+        x = spec.encoder.encode(rows)
+        metrics.ENCODE_DURATION.observe(time.perf_counter() - t0)
+        return Prepared(version, x, spec.input_name, spec.output_name)
+
+    async def predict(self, instances: list[Any], request_id: str, deadline: float) -> dict[str, Any]:
+        if self.in_flight >= self.settings.max_in_flight:
+            raise Overloaded(f"app server holds {self.in_flight} requests already")
+        self.in_flight += 1
+        metrics.IN_FLIGHT.set(self.in_flight)
+        try:
+            return await self._predict(instances, request_id, deadline)
+        finally:
+            self.in_flight -= 1
+            metrics.IN_FLIGHT.set(self.in_flight)
+
+    async def _predict(self, instances: list[Any], request_id: str, deadline: float) -> dict[str, Any]:
+        model = self.settings.model
+        excluded: set[str] = set()
+        prepared: dict[str, Prepared] = {}
+        last_error: Exception | None = None
+        for _attempt in range(MAX_ATTEMPTS):
+            try:
+                conn = self.pool.pick(model, excluded)
+            except NoWorkers:
+                if last_error is not None:
+                    raise last_error from None
+                raise
+            version = conn.live_versions[model] or ""
+            if version not in prepared:
+                prepared[version] = await self.prepare(conn, version, instances)
+            p = prepared[version]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded("deadline passed before the request reached a worker")
+            try:
+                reply = await self.pool.infer(conn, model, version, {p.input_name: p.x}, remaining, request_id)
+            except TimeoutError:
+                raise DeadlineExceeded(f"no answer within the deadline (worker {conn.endpoint})") from None
+            except WorkerLost as exc:
+                metrics.RETRIES.labels("worker_lost").inc()
+                logger.warning("request %s: %s; retrying elsewhere", request_id, exc.message)
+                excluded.add(conn.endpoint)
+                last_error = NoWorkers(exc.message)
+                continue
+            status = reply.header.get("status")
+            if status == Status.OK:
+                return self._answer(reply, p, model, request_id)
+            if status == Status.VERSION_UNAVAILABLE:
+                metrics.RETRIES.labels("version_unavailable").inc()
+                if reply.header.get("version"):
+                    conn.live_versions[model] = reply.header["version"]
+                last_error = from_wire(status, reply.header.get("message", ""))
+                continue
+            if status == Status.OVERLOADED and len(self.pool.candidates(model)) > len(excluded) + 1:
+                metrics.RETRIES.labels("overloaded").inc()
+                excluded.add(conn.endpoint)
+                last_error = from_wire(status, reply.header.get("message", ""))
+                continue
+            raise from_wire(status or "error", reply.header.get("message", ""))
+        assert last_error is not None
+        raise last_error
+
+    def _answer(self, reply: Any, p: Prepared, model: str, request_id: str) -> dict[str, Any]:
+        out = reply.tensors.get(p.output_name)
+        if out is None or out.shape[0] != p.x.shape[0]:
+            raise ModelError(
+                f"model {model} v{reply.header.get('version')} answered without "
+                f"{p.x.shape[0]} rows of {p.output_name!r}"
+            )
+        return {
+            "predictions": predictions_from(out),
+            "model": model,
+            "model_version": reply.header.get("version"),
+            "request_id": request_id,
+        }

@@ -1,0 +1,143 @@
+"""HTTP routes of the app server (DESIGN §3)."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request, Response
+
+from app_server.predict import Predictor
+from shared.errors import InvalidInput, NoWorkers, TooLarge
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter()
+
+MAX_TIMEOUT_MS = 60_000.0
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def _predictor(request: Request) -> Predictor:
+    return request.app.state.predictor
+
+
+def _budget_s(request: Request, default_ms: float) -> float:
+    raw = request.headers.get("x-timeout-ms")
+    if raw is None:
+        return default_ms / 1000
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = -1.0
+    if not 0 < ms <= MAX_TIMEOUT_MS:
+        raise InvalidInput(f"headers.X-Timeout-Ms: expected a number of milliseconds in (0, {MAX_TIMEOUT_MS:.0f}]")
+    return ms / 1000
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise TooLarge(f"body: {declared} bytes, at most {max_bytes}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise TooLarge(f"body: more than {max_bytes} bytes")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"body: invalid JSON ({exc})") from None
+
+
+@router.post(
+    "/predict",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["instances"],
+                        "properties": {"instances": {"type": "array", "items": {"type": "object"}, "minItems": 1}},
+                    }
+                }
+            },
+        }
+    },
+)
+async def predict(request: Request) -> Response:
+    """Score instances with the model version the serving worker holds.
+
+    Headers: ``X-Request-ID`` (echoed, generated if absent), ``X-Timeout-Ms`` (deadline budget).
+    """
+    predictor = _predictor(request)
+    settings = predictor.settings
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    request.state.request_id = request_id
+    deadline = time.monotonic() + _budget_s(request, settings.timeout_ms)
+    instances = predictor.check_body(await read_json(request, settings.max_body_bytes))
+    result = await predictor.predict(instances, request_id, deadline)
+    return json_response(result, headers={"X-Request-ID": request_id})
+
+
+@router.get("/healthz")
+async def healthz() -> Response:
+    return json_response({"status": "ok"})
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> Response:
+    predictor = _predictor(request)
+    ready = len(predictor.pool.candidates(predictor.settings.model))
+    if not ready:  # answered directly, not raised: probes poll this and must not flood the log
+        err = NoWorkers(f"no live worker serves model {predictor.settings.model!r} yet")
+        return json_response(err.to_body(), err.http_status, {"Retry-After": "1"})
+    return json_response({"status": "ready", "workers": ready})
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> Response:
+    """What is served, what each known worker holds, and an instance a caller can send as is."""
+    predictor = _predictor(request)
+    model = predictor.settings.model
+    pool = predictor.pool
+    entry: dict[str, Any] = {
+        "name": model,
+        "version": None,
+        "feature_spec": None,
+        "input_example": [],
+        "workers": [
+            {
+                "endpoint": c.endpoint,
+                "alive": c.alive,
+                "live": c.live_versions.get(model),
+                "versions": c.resident.get(model, []),
+            }
+            for c in pool.conns.values()
+        ],
+    }
+    candidates = pool.candidates(model)
+    if candidates:
+        newest = max(candidates, key=lambda c: int(c.live_versions[model] or 0))
+        version = newest.live_versions[model] or ""
+        desc = await pool.describe(newest, model, version)
+        entry.update(
+            version=version,
+            feature_spec=desc["feature_spec"],
+            input_example=desc["input_example"],
+            device=desc.get("device"),
+        )
+    return json_response({"models": [entry]})

@@ -1,0 +1,271 @@
+"""The pool of workers as the app server sees it: discovery, heartbeats, routing and calls.
+
+One DEALER socket per worker, each with its own receive task that resolves the futures of calls by
+message id. A heartbeat task pings every worker; a worker silent for three intervals leaves the pool
+(and its outstanding calls fail over at once), and rejoins when it answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import zmq
+import zmq.asyncio
+
+from app_server import metrics
+from shared import protocol
+from shared.errors import NoWorkers, TandemError
+from shared.protocol import Kind, Status
+from shared.settings import AppSettings
+from shared.transport import make_socket
+
+logger = logging.getLogger(__name__)
+
+MISSED_HEARTBEATS = 3
+
+
+class WorkerLost(TandemError):
+    """The worker holding a call left the pool or refused the message; the call may be retried."""
+
+    http_status, code = 503, "no_workers"
+
+
+@dataclass(eq=False)
+class WorkerConn:
+    endpoint: str
+    sock: zmq.asyncio.Socket
+    pending: dict[str, asyncio.Future[protocol.Message]] = field(default_factory=dict)
+    last_seen: float = 0.0
+    alive: bool = False
+    live_versions: dict[str, str | None] = field(default_factory=dict)
+    resident: dict[str, list[str]] = field(default_factory=dict)
+    queue_depth: int = 0
+    est_wait_ms: float = 0.0
+    device: str | None = None
+    draining: bool = False
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.pending)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint,
+            "alive": self.alive,
+            "device": self.device,
+            "versions": self.resident,
+            "live": self.live_versions,
+            "outstanding": self.outstanding,
+            "queue_depth": self.queue_depth,
+        }
+
+
+class WorkerPool:
+    def __init__(self, settings: AppSettings) -> None:
+        self.settings = settings
+        self.interval = settings.heartbeat_interval
+        self._ctx = zmq.asyncio.Context()
+        self.conns: dict[str, WorkerConn] = {}
+        self._ids = itertools.count()
+        self._prefix = f"{os.getpid():x}-{id(self):x}-"
+        self._tasks: list[asyncio.Task[None]] = []
+        self._describe_cache: dict[tuple[str, str], dict[str, Any]] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._sync_endpoints(await self._discover())
+        self._tasks = [asyncio.create_task(self._heartbeat_loop())]
+        if any(u.startswith("dns+") for u in self.settings.worker_endpoints()):
+            self._tasks.append(asyncio.create_task(self._discovery_loop()))
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for conn in list(self.conns.values()):
+            self._remove(conn)
+        self._ctx.term()
+
+    async def _discover(self) -> list[str]:
+        endpoints: list[str] = []
+        for url in self.settings.worker_endpoints():
+            if not url.startswith("dns+"):
+                endpoints.append(url)
+                continue
+            parsed = urlparse(url.removeprefix("dns+"))
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    parsed.hostname, parsed.port, type=socket.SOCK_STREAM
+                )
+            except OSError as exc:
+                logger.warning("cannot resolve %s: %s", url, exc)
+                continue
+            for info in infos:
+                host = info[4][0]
+                endpoints.append(f"tcp://[{host}]:{parsed.port}" if ":" in host else f"tcp://{host}:{parsed.port}")
+        return sorted(set(endpoints))
+
+    async def _discovery_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.dns_refresh_s)
+            found = await self._discover()
+            if found:  # a failed lookup never empties the pool
+                self._sync_endpoints(found)
+
+    def _sync_endpoints(self, endpoints: list[str]) -> None:
+        for ep in endpoints:
+            if ep not in self.conns:
+                sock = make_socket(self._ctx, zmq.DEALER, connect=ep)
+                conn = WorkerConn(ep, sock)
+                conn.task = asyncio.create_task(self._receive_loop(conn))
+                self.conns[ep] = conn
+                logger.info("worker %s added", ep)
+        for ep in set(self.conns) - set(endpoints):
+            self._remove(self.conns[ep])
+            logger.info("worker %s removed", ep)
+
+    def _remove(self, conn: WorkerConn) -> None:
+        self._fail_pending(conn, "worker removed from the pool")
+        if conn.task:
+            conn.task.cancel()
+        conn.sock.close(linger=0)
+        self.conns.pop(conn.endpoint, None)
+
+    # -- heartbeats ----------------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            for conn in list(self.conns.values()):
+                if conn.alive and now - conn.last_seen > MISSED_HEARTBEATS * self.interval:
+                    conn.alive = False
+                    logger.warning("worker %s missed %d heartbeats; out of the pool", conn.endpoint, MISSED_HEARTBEATS)
+                    self._fail_pending(conn, "worker stopped answering heartbeats")
+                with contextlib.suppress(zmq.Again):  # not connected: it stays out until it answers
+                    await conn.sock.send_multipart(protocol.request(Kind.PING, self._next_id()), flags=zmq.NOBLOCK)
+            metrics.WORKERS_READY.set(sum(c.alive for c in self.conns.values()))
+            await asyncio.sleep(self.interval)
+
+    def _on_pong(self, conn: WorkerConn, header: dict[str, Any]) -> None:
+        conn.last_seen = time.monotonic()
+        if not conn.alive:
+            logger.info("worker %s is alive", conn.endpoint)
+        conn.alive = True
+        models = header.get("models") or {}
+        conn.live_versions = {m: v.get("live") for m, v in models.items()}
+        conn.resident = {m: list(v.get("resident") or []) for m, v in models.items()}
+        conn.queue_depth = int(header.get("queue_depth") or 0)
+        conn.est_wait_ms = float(header.get("est_wait_ms") or 0.0)
+        conn.device = header.get("device")
+        conn.draining = bool(header.get("draining"))
+
+    async def _receive_loop(self, conn: WorkerConn) -> None:
+        while True:
+            frames = await conn.sock.recv_multipart(copy=False)
+            try:
+                msg = protocol.parse_reply(frames)
+            except TandemError as exc:
+                logger.warning("unparseable reply from %s: %s", conn.endpoint, exc)
+                continue
+            if "models" in msg.header and msg.header.get("status") == Status.OK and not msg.tensors:
+                self._on_pong(conn, msg.header)
+            conn.last_seen = time.monotonic()
+            fut = conn.pending.pop(msg.id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+            # else: a late answer to a call that already timed out or failed over; dropped.
+
+    def _fail_pending(self, conn: WorkerConn, reason: str) -> None:
+        pending, conn.pending = conn.pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(WorkerLost(f"{conn.endpoint}: {reason}"))
+
+    # -- routing and calls ---------------------------------------------------------------------------
+
+    def _next_id(self) -> str:
+        return f"{self._prefix}{next(self._ids)}"
+
+    def candidates(self, model: str) -> list[WorkerConn]:
+        return [c for c in self.conns.values() if c.alive and not c.draining and c.live_versions.get(model)]
+
+    def ready(self, model: str) -> bool:
+        return bool(self.candidates(model))
+
+    def pick(self, model: str, exclude: set[str] | frozenset[str] = frozenset()) -> WorkerConn:
+        """Least outstanding requests (worker queue included) among live workers serving ``model``."""
+        choices = [c for c in self.candidates(model) if c.endpoint not in exclude]
+        if not choices:
+            raise NoWorkers(f"no live worker serves model {model!r}")
+        return min(choices, key=lambda c: (c.outstanding + c.queue_depth, c.est_wait_ms))
+
+    async def call(self, conn: WorkerConn, frames: list[Any], msg_id: str, timeout_s: float) -> protocol.Message:
+        fut: asyncio.Future[protocol.Message] = asyncio.get_running_loop().create_future()
+        conn.pending[msg_id] = fut
+        try:
+            await conn.sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            conn.pending.pop(msg_id, None)
+            raise WorkerLost(f"{conn.endpoint}: not connected") from None
+        try:
+            return await asyncio.wait_for(fut, timeout=timeout_s)
+        finally:
+            conn.pending.pop(msg_id, None)
+
+    async def infer(
+        self, conn: WorkerConn, model: str, version: str, inputs: dict[str, Any], budget_s: float, request_id: str
+    ) -> protocol.Message:
+        msg_id = self._next_id()
+        frames = protocol.request(
+            Kind.INFER,
+            msg_id,
+            model=model,
+            version=version,
+            budget_ms=budget_s * 1000,
+            inputs=inputs,
+            request_id=request_id,
+        )
+        t0 = time.monotonic()
+        try:
+            return await self.call(conn, frames, msg_id, budget_s)
+        except TimeoutError:
+            self.cancel(conn, msg_id)
+            raise
+        finally:
+            metrics.WORKER_RTT.observe(time.monotonic() - t0)
+
+    def cancel(self, conn: WorkerConn, msg_id: str) -> None:
+        """Tell the worker to drop a queued request nobody waits for any more."""
+        with contextlib.suppress(zmq.ZMQError):
+            conn.sock.send_multipart(protocol.request(Kind.CANCEL, self._next_id(), target=msg_id), flags=zmq.NOBLOCK)
+
+    async def describe(self, conn: WorkerConn, model: str, version: str, timeout_s: float = 2.0) -> dict[str, Any]:
+        """Feature spec, input example and signature of a version, cached per (model, version)."""
+        key = (model, version)
+        cached = self._describe_cache.get(key)
+        if cached is not None:
+            return cached
+        msg_id = self._next_id()
+        reply = await self.call(
+            conn, protocol.request(Kind.DESCRIBE, msg_id, model=model, version=version), msg_id, timeout_s
+        )
+        if reply.header.get("status") != Status.OK:
+            from shared.errors import from_wire
+
+            raise from_wire(reply.header["status"], reply.header.get("message", ""))
+        desc = reply.header["describe"]
+        self._describe_cache[key] = desc
+        return desc
+
+    def workers_info(self) -> list[dict[str, Any]]:
+        return [c.info() for c in self.conns.values()]

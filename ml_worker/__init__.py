@@ -1,0 +1,1 @@
+"""The GPU tier: ZeroMQ server, batcher, model runners, registry watcher."""

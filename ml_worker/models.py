@@ -1,0 +1,167 @@
+"""Resident model versions: load, warm and check one off the hot path, then swap the live pointer.
+
+The live pointer changes only on the event loop between batches, so a batch always runs against the
+version it was formed for. A replaced version stays resident for ``keep_previous_s`` so requests the
+app server already encoded for it still finish on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ml_worker import metrics
+from ml_worker.runners import OnnxRunner, Runner, TorchScriptRunner
+from shared.errors import ModelError
+from shared.features import FeatureSpec, load_spec, predictions_from
+from shared.registry import model_files, read_input_example
+
+logger = logging.getLogger(__name__)
+
+WARM_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ModelCheckFailed(ModelError):
+    """A version failed load, warm-up or its checks; it is never swapped in."""
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    name: str
+    version: str
+    runner: Runner
+    spec: FeatureSpec
+    input_example: dict[str, Any]
+    model_dir: Path
+    warm_timings: dict[int, float] = field(default_factory=dict)
+    """Seconds per batch size measured at warm-up: the batcher's cost-model seed."""
+
+    @property
+    def device(self) -> str:
+        return self.runner.device
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.name,
+            "version": self.version,
+            "device": self.device,
+            "feature_spec": self.spec.model_dump(mode="json"),
+            "input_example": self.input_example.get("instances", []),
+            "inputs": [{"name": self.spec.input_name, "datatype": "FP32", "shape": [-1, self.spec.width]}],
+            "outputs": [{"name": n, "datatype": "FP32", "shape": [-1, -1]} for n in self.runner.output_names],
+        }
+
+
+def load_version(
+    name: str,
+    version: str,
+    model_dir: Path,
+    *,
+    device: str = "auto",
+    intra_op_threads: int = 0,
+    max_batch_size: int = 64,
+) -> LoadedModel:
+    """Build, check and warm a version. Raises ModelCheckFailed naming the step that failed."""
+    files = model_files(model_dir)
+    try:
+        spec = load_spec(files["feature_spec"].read_bytes())
+        example = read_input_example(model_dir)
+    except Exception as exc:
+        raise ModelCheckFailed(f"{name} v{version}: unreadable feature spec or input example: {exc}") from exc
+    try:
+        if files["onnx"].exists():
+            runner: Runner = OnnxRunner(files["onnx"], device=device, intra_op_threads=intra_op_threads)
+        elif files["torchscript"].exists():
+            runner = TorchScriptRunner(
+                files["torchscript"], device=device, input_name=spec.input_name, output_name=spec.output_name
+            )
+        else:
+            raise ModelError("no model.onnx or model.pt in the version's folder")
+    except ModelError as exc:
+        raise ModelCheckFailed(f"{name} v{version}: {exc.message}") from exc
+    model = LoadedModel(name, version, runner, spec, example, model_dir)
+    _check(model)
+    _warm(model, max_batch_size)
+    return model
+
+
+def _check(model: LoadedModel) -> None:
+    where = f"{model.name} v{model.version}"
+    runner, spec = model.runner, model.spec
+    if runner.input_width is not None and runner.input_width != spec.width:
+        raise ModelCheckFailed(f"{where}: model input width {runner.input_width} != feature spec width {spec.width}")
+    if spec.output_name not in runner.output_names:
+        raise ModelCheckFailed(f"{where}: model has no output {spec.output_name!r} ({runner.output_names})")
+    instances = model.input_example.get("instances") or []
+    expected = model.input_example.get("predictions")
+    if not instances or expected is None:
+        raise ModelCheckFailed(f"{where}: input example has no instances or no expected predictions")
+    x = spec.encoder.encode(instances)
+    try:
+        out = runner.run(x)[spec.output_name]
+    except Exception as exc:
+        raise ModelCheckFailed(f"{where}: running the input example failed: {exc}") from exc
+    if out.shape[0] != len(instances):
+        raise ModelCheckFailed(f"{where}: {len(instances)} example rows gave output shape {out.shape}")
+    got = predictions_from(out)
+    if not np.allclose(np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64), rtol=1e-3, atol=1e-4):
+        raise ModelCheckFailed(f"{where}: outputs do not match the input example's expected predictions")
+
+
+def _warm(model: LoadedModel, max_batch_size: int) -> None:
+    """Run every batch size the batcher may form, so the first real batch pays no allocation or JIT."""
+    width = model.spec.width
+    sizes = sorted({b for b in WARM_BATCH_SIZES if b <= max_batch_size} | {max_batch_size})
+    for b in sizes:
+        x = np.zeros((b, width), dtype=np.float32)
+        model.runner.run(x)
+        t0 = time.perf_counter()
+        model.runner.run(x)
+        model.warm_timings[b] = time.perf_counter() - t0
+
+
+class ModelStore:
+    """The live version and those kept resident for stragglers."""
+
+    def __init__(self, name: str, keep_previous_s: float = 30.0) -> None:
+        self.name = name
+        self.keep_previous_s = keep_previous_s
+        self.live: LoadedModel | None = None
+        self._resident: dict[str, LoadedModel] = {}
+        self._retire_at: dict[str, float] = {}
+
+    def get(self, version: str | None) -> LoadedModel | None:
+        if version is None:
+            return self.live
+        return self._resident.get(str(version))
+
+    @property
+    def versions(self) -> list[str]:
+        return list(self._resident)
+
+    def swap(self, model: LoadedModel, now: float) -> LoadedModel | None:
+        """Make ``model`` live; the previous one is retired after ``keep_previous_s``."""
+        previous = self.live
+        self._resident[model.version] = model
+        self._retire_at.pop(model.version, None)
+        self.live = model
+        if previous is not None and previous.version != model.version:
+            self._retire_at[previous.version] = now + self.keep_previous_s
+            metrics.MODEL_INFO.labels(self.name, previous.version, previous.device).set(0)
+        metrics.MODEL_INFO.labels(self.name, model.version, model.device).set(1)
+        return previous
+
+    def retire_due(self, now: float) -> list[str]:
+        """Free versions whose grace period is over; returns their numbers."""
+        done = [v for v, t in self._retire_at.items() if t <= now]
+        for v in done:
+            old = self._resident.pop(v)
+            del self._retire_at[v]
+            metrics.MODEL_INFO.remove(self.name, v, old.device)
+            logger.info("freed %s v%s", self.name, v)
+        return done

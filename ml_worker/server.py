@@ -1,0 +1,325 @@
+"""The worker process: a ZeroMQ ROUTER loop, a batcher, and an executor thread for the model.
+
+The event loop only moves messages: it parses frames, admits requests into the batcher, hands batches
+to the executor and sends replies. It never waits on the model, so pings, admissions and deadline
+checks keep flowing while a batch runs, and the next batch forms meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from ml_worker import metrics
+from ml_worker.batcher import Batcher, Pending, SimpleBatcher
+from ml_worker.models import LoadedModel, ModelStore
+from ml_worker.registry_watch import RegistryWatcher
+from shared import protocol
+from shared.errors import ProtocolError
+from shared.protocol import Kind, Status
+from shared.settings import WorkerSettings
+from shared.transport import make_socket
+
+logger = logging.getLogger(__name__)
+
+
+def make_batcher(settings: WorkerSettings) -> Batcher:
+    if settings.batcher == "adaptive":
+        try:
+            from ml_worker.adaptive import AdaptiveBatcher
+        except ImportError:
+            logger.warning("adaptive batcher unavailable; using the simple one")
+        else:
+            return AdaptiveBatcher(
+                max_batch_size=settings.max_batch_size,
+                max_latency_s=settings.max_latency_ms / 1000,
+                max_queue=settings.max_queue,
+            )
+    return SimpleBatcher(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue)
+
+
+class WorkerServer:
+    def __init__(
+        self, settings: WorkerSettings, *, store: ModelStore | None = None, batcher: Batcher | None = None
+    ) -> None:
+        self.settings = settings
+        self.store = store or ModelStore(settings.model, settings.keep_previous_s)
+        self.batcher = batcher or make_batcher(settings)
+        self.executor = ThreadPoolExecutor(settings.batches_in_flight, thread_name_prefix="model")
+        self._in_flight = 0
+        self._wake = asyncio.Event()
+        self._draining = False
+        self._ctx = zmq.asyncio.Context()
+        self.sock = make_socket(self._ctx, zmq.ROUTER, bind=settings.bind)
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        cache = settings.cache_dir or (settings.home / "cache" if settings.home else None)
+        self.cache_dir = Path(cache or tempfile.mkdtemp(prefix="tandem-cache-"))
+        self.watcher = RegistryWatcher(settings, self.store, self.cache_dir)
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._batch_tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(self, *, watch: bool = True) -> None:
+        """Run until cancelled or drained."""
+        logger.info("worker listening on %s (model %s, %s)", self.endpoint, self.settings.model, self.watcher.target)
+        self._tasks = [
+            asyncio.create_task(self._receive_loop()),
+            asyncio.create_task(self._dispatch_loop()),
+            asyncio.create_task(self._retire_loop()),
+        ]
+        if watch:
+            self._tasks.append(asyncio.create_task(self.watcher.run()))
+        try:
+            await asyncio.gather(*self._tasks)
+        finally:
+            for t in self._tasks:
+                t.cancel()
+            self.close()
+
+    @property
+    def ready(self) -> bool:
+        return self.store.live is not None and not self._draining
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self._ctx.term()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def drain(self, timeout_s: float = 30.0) -> None:
+        """Stop admitting work, answer everything held, then stop serving."""
+        self._draining = True
+        logger.info("draining: %d rows queued, %d batches running", self.batcher.depth, self._in_flight)
+        deadline = time.monotonic() + timeout_s
+        while (self.batcher.depth or self._in_flight) and time.monotonic() < deadline:
+            self._wake.set()
+            await asyncio.sleep(0.01)
+        for t in self._tasks:
+            t.cancel()
+
+    # -- receiving -----------------------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart(copy=False)
+            ident = frames[0].bytes
+            try:
+                await self._handle(ident, frames[1:])
+            except Exception:  # a bug in handling one message must not stop the worker
+                logger.exception("unhandled error handling a message")
+
+    async def _handle(self, ident: bytes, frames: list[Any]) -> None:
+        try:
+            msg = protocol.parse_request(frames)
+        except ProtocolError as exc:
+            metrics.REQUESTS.labels("bad_request").inc()
+            logger.warning("bad message: %s", exc.message)
+            await self._send(
+                ident, protocol.reply(protocol.protocol_error_id(exc), Status.BAD_REQUEST, message=exc.message)
+            )
+            return
+        kind = msg.header["kind"]
+        if kind == Kind.PING:
+            await self._send(ident, protocol.reply(msg.id, Status.OK, **self.heartbeat()))
+        elif kind == Kind.INFER:
+            await self._admit(ident, msg)
+        elif kind == Kind.DESCRIBE:
+            model = self.store.get(msg.header.get("version"))
+            if model is None:
+                await self._send(ident, self._version_unavailable(msg.id, msg.header.get("version")))
+            else:
+                await self._send(
+                    ident, protocol.reply(msg.id, Status.OK, version=model.version, describe=model.describe())
+                )
+        elif kind == Kind.CANCEL:
+            target = msg.header.get("target")
+            if isinstance(target, str) and self.batcher.cancel(target):
+                metrics.REQUESTS.labels("cancelled").inc()
+                metrics.QUEUE_DEPTH.set(self.batcher.depth)
+
+    def heartbeat(self) -> dict[str, Any]:
+        live = self.store.live
+        return {
+            "models": {self.store.name: {"live": live.version if live else None, "resident": self.store.versions}},
+            "device": live.device if live else None,
+            "queue_depth": self.batcher.depth,
+            "est_wait_ms": self.batcher.estimated_wait_s(time.monotonic()) * 1000,
+            "in_flight": self._in_flight,
+            "draining": self._draining,
+        }
+
+    def _version_unavailable(self, msg_id: str, version: Any) -> list[Any]:
+        live = self.store.live
+        return protocol.reply(
+            msg_id,
+            Status.VERSION_UNAVAILABLE,
+            version=live.version if live else None,
+            message=f"version {version} is not loaded on this worker",
+        )
+
+    async def _admit(self, ident: bytes, msg: protocol.Message) -> None:
+        now = time.monotonic()
+        header = msg.header
+        if self._draining:
+            metrics.REQUESTS.labels("overloaded").inc()
+            await self._send(ident, protocol.reply(msg.id, Status.OVERLOADED, message="worker is draining"))
+            return
+        model = self.store.get(header.get("version"))
+        if model is None:
+            await self._send(ident, self._version_unavailable(msg.id, header.get("version")))
+            return
+        x = msg.tensors.get(model.spec.input_name)
+        if x is None or x.ndim != 2 or x.shape[1] != model.spec.width or x.dtype != np.float32:
+            metrics.REQUESTS.labels("bad_request").inc()
+            got = f"{x.dtype}{list(x.shape)}" if x is not None else "nothing"
+            await self._send(
+                ident,
+                protocol.reply(
+                    msg.id,
+                    Status.BAD_REQUEST,
+                    version=model.version,
+                    message=f"{model.spec.input_name!r} must be float32[n, {model.spec.width}], got {got}",
+                ),
+            )
+            return
+        budget_s = float(header.get("budget_ms") or 0) / 1000
+        if budget_s <= 0:
+            metrics.REQUESTS.labels("expired").inc()
+            await self._send(
+                ident, protocol.reply(msg.id, Status.DEADLINE_EXCEEDED, version=model.version, message="no budget left")
+            )
+            return
+        item = Pending(
+            msg.id,
+            model.version,
+            x,
+            now,
+            now + budget_s,
+            reply_to=ident,
+            request_id=str(header.get("request_id") or ""),
+        )
+        if not self.batcher.offer(item, now):
+            metrics.REQUESTS.labels("overloaded").inc()
+            await self._send(
+                ident, protocol.reply(msg.id, Status.OVERLOADED, version=model.version, message="worker queue is full")
+            )
+            return
+        metrics.QUEUE_DEPTH.set(self.batcher.depth)
+        self._wake.set()
+
+    # -- dispatching ---------------------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            now = time.monotonic()
+            poll = self.batcher.poll(now, self._in_flight < self.settings.batches_in_flight)
+            for p in poll.expired:
+                metrics.REQUESTS.labels("expired").inc()
+                await self._send(
+                    p.reply_to,
+                    protocol.reply(
+                        p.msg_id, Status.DEADLINE_EXCEEDED, version=p.version, message="deadline passed while queued"
+                    ),
+                )
+            if poll.batch:
+                self._in_flight += 1
+                task = asyncio.create_task(self._execute(poll.batch, now))
+                self._batch_tasks.add(task)  # keep a reference: the loop holds tasks only weakly
+                task.add_done_callback(self._batch_tasks.discard)
+            metrics.QUEUE_DEPTH.set(self.batcher.depth)
+            if poll.batch or poll.expired:
+                continue
+            if poll.wait_s is None:
+                await self._wake.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=max(poll.wait_s, 0.0002))
+
+    async def _execute(self, batch: list[Pending], started: float) -> None:
+        version = batch[0].version
+        model = self.store.get(version)
+        try:
+            if model is None:
+                for p in batch:
+                    await self._send(p.reply_to, self._version_unavailable(p.msg_id, version))
+                return
+            await self._run_batch(model, batch, started)
+        finally:
+            self._in_flight -= 1
+            self._wake.set()
+
+    async def _run_batch(self, model: LoadedModel, batch: list[Pending], started: float) -> None:
+        x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
+        rows = x.shape[0]
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        try:
+            outputs = await loop.run_in_executor(self.executor, model.runner.run, x)
+            bad = [n for n, o in outputs.items() if o.shape[0] != rows]
+            if bad:
+                raise ValueError(f"outputs {bad} do not have one row per input row ({rows})")
+        except Exception as exc:
+            logger.exception("%s v%s failed on a batch of %d rows", model.name, model.version, rows)
+            metrics.REQUESTS.labels("error").inc(len(batch))
+            for p in batch:
+                await self._send(
+                    p.reply_to,
+                    protocol.reply(
+                        p.msg_id,
+                        Status.ERROR,
+                        version=model.version,
+                        message=f"model {model.name} v{model.version} failed: {exc}",
+                    ),
+                )
+            return
+        infer_s = time.monotonic() - t0
+        self.batcher.observe(model.version, rows, infer_s)
+        metrics.BATCH_SIZE.observe(rows)
+        metrics.INFERENCE.observe(infer_s)
+        metrics.REQUESTS.labels("ok").inc(len(batch))
+        offset = 0
+        for p in batch:
+            n = p.rows
+            metrics.QUEUE_WAIT.observe(started - p.arrival)
+            timing = {"queue_ms": (started - p.arrival) * 1000, "infer_ms": infer_s * 1000, "batch_size": rows}
+            out = {name: o[offset : offset + n] for name, o in outputs.items()}
+            offset += n
+            await self._send(
+                p.reply_to, protocol.reply(p.msg_id, Status.OK, version=model.version, outputs=out, timing=timing)
+            )
+
+    async def _retire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.store.retire_due(time.monotonic())
+
+    async def _send(self, ident: bytes, frames: list[Any]) -> None:
+        try:
+            await self.sock.send_multipart([ident, *frames], copy=False)
+        except zmq.ZMQError as exc:  # the peer vanished: its answer has nobody to go to
+            logger.warning("could not send reply: %s", exc)
+
+
+async def run_worker(settings: WorkerSettings) -> None:
+    if settings.metrics_port:
+        from ml_worker.http import set_readiness, start_http
+
+        start_http(settings.metrics_port)
+    server = WorkerServer(settings)
+    set_readiness(lambda: server.ready)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.drain()))
+    with contextlib.suppress(asyncio.CancelledError):
+        await server.serve()
+    logger.info("worker stopped")

@@ -1,0 +1,1 @@
+"""Code both tiers import: wire protocol, settings, errors, feature spec and encoder, registry client."""

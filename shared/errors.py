@@ -1,0 +1,85 @@
+"""One exception tree for the whole system, and the one place that maps it to HTTP and wire statuses.
+
+A worker raises, the wire carries a status string, the app server turns that status back into the same
+exception class, and the HTTP layer renders it: a failure keeps its meaning across both hops.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TandemError(Exception):
+    http_status: int = 500
+    code: str = "internal_error"
+    wire_status: str = "error"
+    retry_after_s: float | None = None
+
+    def __init__(self, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details is not None:
+            error["details"] = self.details
+        return {"error": error}
+
+
+class InvalidInput(TandemError):
+    http_status, code, wire_status = 422, "invalid_input", "bad_request"
+
+
+class TooLarge(TandemError):
+    http_status, code, wire_status = 413, "too_large", "bad_request"
+
+
+class Overloaded(TandemError):
+    http_status, code, wire_status, retry_after_s = 503, "overloaded", "overloaded", 1.0
+
+
+class NoWorkers(TandemError):
+    http_status, code, wire_status, retry_after_s = 503, "no_workers", "error", 1.0
+
+
+class FeatureStoreUnavailable(TandemError):
+    http_status, code, wire_status, retry_after_s = 503, "feature_store_unavailable", "error", 1.0
+
+
+class DeadlineExceeded(TandemError):
+    http_status, code, wire_status = 504, "deadline_exceeded", "deadline_exceeded"
+
+
+class VersionUnavailable(TandemError):
+    """The worker no longer holds the version a request was encoded for; the app re-encodes."""
+
+    http_status, code, wire_status, retry_after_s = 503, "version_unavailable", "version_unavailable", 1.0
+
+
+class ModelError(TandemError):
+    http_status, code, wire_status = 500, "model_error", "error"
+
+
+class ProtocolError(TandemError):
+    """A frame that cannot be parsed: answered with ``bad_request``, never a crash."""
+
+    http_status, code, wire_status = 500, "protocol_error", "bad_request"
+
+
+class ModelNotFound(TandemError):
+    http_status, code, wire_status = 404, "model_not_found", "bad_request"
+
+
+_FROM_WIRE: dict[str, type[TandemError]] = {
+    "overloaded": Overloaded,
+    "deadline_exceeded": DeadlineExceeded,
+    "version_unavailable": VersionUnavailable,
+    "bad_request": ProtocolError,
+    "error": ModelError,
+}
+
+
+def from_wire(status: str, message: str) -> TandemError:
+    """The exception a non-ok wire reply stands for."""
+    return _FROM_WIRE.get(status, ModelError)(message or status)

@@ -1,0 +1,195 @@
+"""The feature spec and the one vectorised encoder used by training and serving alike.
+
+A model version ships ``feature_spec.json``. Training encodes its data through :class:`Encoder`, and the
+app server encodes requests through the very same class, so training/serving skew cannot creep in.
+Requests are validated by a pydantic model generated from the spec, which also documents the fields.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, create_model
+
+from shared.errors import InvalidInput
+
+ENTITY_KEY = "entity_id"
+
+
+class NumericFeature(BaseModel):
+    name: str
+    type: Literal["numeric"] = "numeric"
+    mean: float = 0.0
+    std: float = 1.0
+    clip: tuple[float, float] | None = None
+    """Raw values are clipped into this range before any transform."""
+    transform: Literal["none", "log1p"] = "none"
+    default: float | None = None
+    description: str = ""
+
+    @property
+    def width(self) -> int:
+        return 1
+
+
+class CategoricalFeature(BaseModel):
+    """One-hot over a vocabulary, plus one out-of-vocabulary slot at the end."""
+
+    name: str
+    type: Literal["categorical"] = "categorical"
+    vocabulary: list[str]
+    default: str | None = None
+    description: str = ""
+
+    @property
+    def width(self) -> int:
+        return len(self.vocabulary) + 1
+
+
+class HashedFeature(BaseModel):
+    """One-hot over ``buckets`` by a stable hash (crc32): open-ended categories, no vocabulary."""
+
+    name: str
+    type: Literal["hashed"] = "hashed"
+    buckets: int = Field(ge=1)
+    default: str | None = None
+    description: str = ""
+
+    @property
+    def width(self) -> int:
+        return self.buckets
+
+
+class BooleanFeature(BaseModel):
+    name: str
+    type: Literal["boolean"] = "boolean"
+    default: bool | None = None
+    description: str = ""
+
+    @property
+    def width(self) -> int:
+        return 1
+
+
+Feature = Annotated[NumericFeature | CategoricalFeature | HashedFeature | BooleanFeature, Field(discriminator="type")]
+
+
+class FeatureSpec(BaseModel):
+    """Ordered features of one model version, and the tensor names its model uses."""
+
+    model_config = ConfigDict(frozen=True)
+
+    features: list[Feature]
+    entity: str | None = None
+    """Entity whose stored features live in Redis at ``tandem:{entity}:{entity_id}``."""
+    input_name: str = "input"
+    output_name: str = "probability"
+
+    @property
+    def width(self) -> int:
+        return sum(f.width for f in self.features)
+
+    @cached_property
+    def encoder(self) -> Encoder:
+        return Encoder(self)
+
+    @cached_property
+    def instance_model(self) -> type[BaseModel]:
+        """Pydantic model of one request instance: every feature optional (defaults, stored features)."""
+        fields: dict[str, Any] = {}
+        for f in self.features:
+            py_type: Any = {
+                "numeric": Annotated[float, Field(allow_inf_nan=False, strict=True)],
+                "categorical": StrictStr,
+                "hashed": StrictStr,
+                "boolean": StrictBool,
+            }[f.type]
+            fields[f.name] = (py_type | None, Field(None, description=f.description or None))
+        if self.entity:
+            fields[ENTITY_KEY] = (
+                StrictStr | StrictInt | None,
+                Field(None, description=f"id of the {self.entity} whose stored features fill gaps"),
+            )
+        return create_model("Instance", __config__=ConfigDict(extra="forbid"), **fields)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+class Encoder:
+    """Turns raw feature values into the model's float32 input matrix, a column at a time."""
+
+    def __init__(self, spec: FeatureSpec) -> None:
+        self.spec = spec
+        self.width = spec.width
+        self._offsets: list[int] = []
+        offset = 0
+        for f in spec.features:
+            self._offsets.append(offset)
+            offset += f.width
+        self._vocab = {
+            f.name: {v: i for i, v in enumerate(f.vocabulary)}
+            for f in spec.features
+            if isinstance(f, CategoricalFeature)
+        }
+
+    def encode(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """Encode request rows (``None`` or absent means missing). Raises InvalidInput with a path."""
+        columns = {f.name: [row.get(f.name) for row in rows] for f in self.spec.features}
+        return self.encode_columns(columns, len(rows))
+
+    def encode_columns(self, columns: Mapping[str, Sequence[Any] | np.ndarray], n: int) -> np.ndarray:
+        out = np.zeros((n, self.width), dtype=np.float32)
+        for f, offset in zip(self.spec.features, self._offsets, strict=True):
+            values = _fill_missing(f, columns.get(f.name), n)
+            if isinstance(f, NumericFeature):
+                x = np.asarray(values, dtype=np.float64)
+                if f.clip is not None:
+                    x = np.clip(x, f.clip[0], f.clip[1])
+                if f.transform == "log1p":
+                    x = np.log1p(np.maximum(x, 0.0))
+                out[:, offset] = (x - f.mean) / (f.std or 1.0)
+            elif isinstance(f, BooleanFeature):
+                out[:, offset] = np.asarray(values, dtype=bool)
+            else:
+                if isinstance(f, CategoricalFeature):
+                    oov = len(f.vocabulary)
+                    lookup = self._vocab[f.name]
+                    idx = np.fromiter((lookup.get(v, oov) for v in values), np.int64, n)
+                else:
+                    idx = np.fromiter((zlib.crc32(str(v).encode()) % f.buckets for v in values), np.int64, n)
+                out[np.arange(n), offset + idx] = 1.0
+        return out
+
+
+def _fill_missing(f: Any, values: Sequence[Any] | np.ndarray | None, n: int) -> Sequence[Any]:
+    if values is None:
+        values = [None] * n
+    if isinstance(values, np.ndarray) and values.dtype != object:
+        return values
+    if any(v is None for v in values):
+        if f.default is None:
+            row = next(i for i, v in enumerate(values) if v is None)
+            raise InvalidInput(
+                f"instances[{row}].{f.name}: required (no value given, stored or default)",
+                details=[{"loc": f"instances[{row}].{f.name}", "msg": "required"}],
+            )
+        values = [f.default if v is None else v for v in values]
+    return values
+
+
+def predictions_from(out: np.ndarray) -> list[Any]:
+    """One JSON-able prediction per row: a scalar for a single output column, else a list."""
+    if out.ndim == 2 and out.shape[1] == 1:
+        return out[:, 0].tolist()
+    if out.ndim == 1:
+        return out.tolist()
+    return out.reshape(out.shape[0], -1).tolist()
+
+
+def load_spec(text: str | bytes) -> FeatureSpec:
+    return FeatureSpec.model_validate_json(text)

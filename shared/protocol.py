@@ -1,0 +1,201 @@
+"""The wire protocol between app servers and workers (DESIGN §4).
+
+A message is a ZeroMQ multipart: frame 0 is a msgpack header, frames 1..n are the raw bytes of the
+tensors the header describes (``inputs`` on a request, ``outputs`` on a reply), in order. Tensors never
+go through msgpack or pickle, so a receiver rebuilds them with ``np.frombuffer`` without a copy.
+
+Every parse failure raises :class:`~shared.errors.ProtocolError`, carrying the message id when the
+header got that far, so a reader can always answer instead of crashing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from shared.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_DIMS = 8
+
+# dtypes a tensor may have on the wire: what ONNX Runtime and TorchScript take as plain buffers.
+DTYPES: frozenset[str] = frozenset(
+    ["float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool"]
+)
+
+
+class Kind(StrEnum):
+    INFER = "infer"
+    PING = "ping"
+    DESCRIBE = "describe"
+    CANCEL = "cancel"
+
+
+class Status(StrEnum):
+    OK = "ok"
+    OVERLOADED = "overloaded"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    VERSION_UNAVAILABLE = "version_unavailable"
+    BAD_REQUEST = "bad_request"
+    ERROR = "error"
+
+
+Frame = bytes | memoryview
+
+
+@dataclass(slots=True)
+class Message:
+    """A parsed message: its header (tensor descriptors removed) and its tensors by name."""
+
+    header: dict[str, Any]
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return str(self.header.get("id", ""))
+
+
+def _tensor_frame(array: np.ndarray) -> memoryview:
+    flat = np.ascontiguousarray(array).reshape(-1)
+    return flat.view(np.uint8).data
+
+
+def pack(
+    header: Mapping[str, Any], tensors: Mapping[str, np.ndarray] | None = None, *, field_name: str = "inputs"
+) -> list[Frame]:
+    """Frames for ``header`` plus ``tensors``; the header gains ``v`` and the tensor descriptors."""
+    head = dict(header)
+    head["v"] = PROTOCOL_VERSION
+    frames: list[Frame] = []
+    descriptors = []
+    for name, array in (tensors or {}).items():
+        dtype = array.dtype.name
+        if dtype not in DTYPES:
+            raise ProtocolError(f"tensor {name!r}: unsupported dtype {dtype}")
+        descriptors.append({"name": name, "dtype": dtype, "shape": list(array.shape)})
+        frames.append(_tensor_frame(array))
+    head[field_name] = descriptors
+    return [msgpack.packb(head, use_bin_type=True), *frames]
+
+
+def _buffer(frame: Any) -> memoryview:
+    # zmq.Frame (received with copy=False) exposes .buffer; bytes and memoryview pass through.
+    return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+
+
+def unpack(frames: Sequence[Any], *, field_name: str = "inputs") -> Message:
+    """Parse frames from :func:`pack`. Raises ProtocolError on anything malformed."""
+    if not frames:
+        raise ProtocolError("empty message")
+    try:
+        header = msgpack.unpackb(_buffer(frames[0]), raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"header is not msgpack: {exc.__class__.__name__}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a map")
+    msg_id = header.get("id")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise _with_id(ProtocolError(f"unsupported protocol version {header.get('v')!r}"), msg_id)
+    descriptors = header.pop(field_name, None) or []
+    if not isinstance(descriptors, list) or len(descriptors) != len(frames) - 1:
+        raise _with_id(
+            ProtocolError(
+                f"header describes {len(descriptors) if isinstance(descriptors, list) else '?'} tensors, "
+                f"message has {len(frames) - 1}"
+            ),
+            msg_id,
+        )
+    tensors: dict[str, np.ndarray] = {}
+    for desc, frame in zip(descriptors, frames[1:], strict=True):
+        try:
+            tensors[desc["name"]] = _tensor(desc, _buffer(frame))
+        except ProtocolError as exc:
+            raise _with_id(exc, msg_id) from None
+        except Exception:
+            raise _with_id(ProtocolError(f"bad tensor descriptor {desc!r:.200}"), msg_id) from None
+    return Message(header, tensors)
+
+
+def _tensor(desc: Mapping[str, Any], buf: memoryview) -> np.ndarray:
+    name, dtype, shape = desc["name"], desc["dtype"], desc["shape"]
+    if not isinstance(name, str) or dtype not in DTYPES:
+        raise ProtocolError(f"tensor {name!r}: unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ProtocolError(f"tensor {name!r}: bad shape {shape!r}")
+    np_dtype = np.dtype(dtype)
+    expected = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    if buf.nbytes != expected:
+        raise ProtocolError(f"tensor {name!r}: {buf.nbytes} bytes, shape {shape} needs {expected}")
+    return np.frombuffer(buf, dtype=np_dtype).reshape(shape)
+
+
+def _with_id(exc: ProtocolError, msg_id: Any) -> ProtocolError:
+    exc.msg_id = msg_id if isinstance(msg_id, str) else None  # type: ignore[attr-defined]
+    return exc
+
+
+def protocol_error_id(exc: ProtocolError) -> str | None:
+    return getattr(exc, "msg_id", None)
+
+
+# Convenience constructors: the header fields of DESIGN §4 in one place.
+
+
+def request(
+    kind: Kind,
+    msg_id: str,
+    *,
+    model: str = "",
+    version: str | None = None,
+    budget_ms: float = 0.0,
+    inputs: Mapping[str, np.ndarray] | None = None,
+    **extra: Any,
+) -> list[Frame]:
+    header = {
+        "kind": str(kind),
+        "id": msg_id,
+        "budget_ms": float(budget_ms),
+        "model": model,
+        "version": version,
+        **extra,
+    }
+    return pack(header, inputs, field_name="inputs")
+
+
+def reply(
+    msg_id: str | None,
+    status: Status,
+    *,
+    message: str = "",
+    version: str | None = None,
+    outputs: Mapping[str, np.ndarray] | None = None,
+    timing: Mapping[str, float] | None = None,
+    **extra: Any,
+) -> list[Frame]:
+    header = {
+        "id": msg_id,
+        "status": str(status),
+        "message": message,
+        "version": version,
+        "timing": dict(timing or {}),
+        **extra,
+    }
+    return pack(header, outputs, field_name="outputs")
+
+
+def parse_request(frames: Sequence[Any]) -> Message:
+    msg = unpack(frames, field_name="inputs")
+    if msg.header.get("kind") not in Kind.__members__.values():
+        raise _with_id(ProtocolError(f"unknown kind {msg.header.get('kind')!r}"), msg.header.get("id"))
+    if not isinstance(msg.header.get("id"), str):
+        raise ProtocolError("message id must be a string")
+    return msg
+
+
+def parse_reply(frames: Sequence[Any]) -> Message:
+    return unpack(frames, field_name="outputs")

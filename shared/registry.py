@@ -1,0 +1,176 @@
+"""MLflow model registry: register a Tandem model folder, resolve an alias or tag, download a version.
+
+A Tandem model version is an MLflow model folder (``mlflow.onnx`` flavour, ``model.onnx``) whose
+``extra_files/`` hold ``feature_spec.json`` and ``input_example.json``. Every call takes an explicit
+registry URI: nothing here touches MLflow's process-global tracking URI, so one process can talk to
+several registries (tests do).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+logger = logging.getLogger(__name__)
+
+EXPERIMENT = "tandem-models"
+FEATURE_SPEC = "feature_spec.json"
+INPUT_EXAMPLE = "input_example.json"
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRef:
+    name: str
+    version: str
+    source: str
+    run_id: str | None
+    tags: dict[str, str]
+    aliases: list[str]
+
+
+def client(uri: str) -> Any:
+    from mlflow import MlflowClient  # imported lazily: MLflow costs ~1.5 s to import
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Artifacts of a sqlite registry live beside its database file, not in the caller's cwd."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite":
+        return None
+    db = Path(uri.removeprefix("sqlite:///"))
+    if not db.is_absolute():
+        db = Path("/" + uri.removeprefix("sqlite://").lstrip("/"))
+    return (db.parent / "artifacts").resolve().as_uri()
+
+
+def _experiment_id(c: Any, uri: str) -> str:
+    exp = c.get_experiment_by_name(EXPERIMENT)
+    if exp is not None:
+        return exp.experiment_id
+    return c.create_experiment(EXPERIMENT, artifact_location=_artifact_root(uri))
+
+
+def _ref(mv: Any) -> VersionRef:
+    return VersionRef(
+        name=mv.name,
+        version=str(mv.version),
+        source=mv.source,
+        run_id=mv.run_id,
+        tags=dict(mv.tags or {}),
+        aliases=list(getattr(mv, "aliases", []) or []),
+    )
+
+
+def register(
+    uri: str,
+    name: str,
+    model_dir: Path,
+    *,
+    tags: dict[str, str] | None = None,
+    description: str = "",
+    alias_if_first: str | None = "production",
+) -> VersionRef:
+    """Log ``model_dir`` (an MLflow model folder) in a run and register it as a new version of ``name``.
+
+    When ``name`` had no version carrying ``alias_if_first``, the new version gets that alias, so a fresh
+    registry serves its first model without a separate promote step.
+    """
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    run = c.create_run(_experiment_id(c, uri), run_name=f"{name}-register")
+    c.log_artifacts(run.info.run_id, str(model_dir), artifact_path="model")
+    c.set_terminated(run.info.run_id)
+    try:
+        c.create_registered_model(name)
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+            raise
+    mv = c.create_model_version(
+        name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags or {}, description=description
+    )
+    if alias_if_first and resolve_alias(uri, name, alias_if_first) is None:
+        c.set_registered_model_alias(name, alias_if_first, mv.version)
+    return _ref(c.get_model_version(name, mv.version))
+
+
+def resolve_alias(uri: str, name: str, alias: str) -> VersionRef | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _ref(client(uri).get_model_version_by_alias(name, alias))
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def resolve_tag(uri: str, name: str, tag: str) -> VersionRef | None:
+    """The newest version of ``name`` carrying ``KEY=VALUE``."""
+    key, _, value = tag.partition("=")
+    versions = [v for v in list_versions(uri, name) if v.tags.get(key) == value]
+    return max(versions, key=lambda v: int(v.version), default=None)
+
+
+def resolve(uri: str, name: str, *, alias: str | None = None, tag: str | None = None) -> VersionRef | None:
+    if tag:
+        return resolve_tag(uri, name, tag)
+    return resolve_alias(uri, name, alias or "production")
+
+
+def list_versions(uri: str, name: str) -> list[VersionRef]:
+    versions = client(uri).search_model_versions(f"name='{name}'")
+    return sorted((_ref(v) for v in versions), key=lambda v: int(v.version))
+
+
+def set_alias(uri: str, name: str, alias: str, version: str) -> None:
+    client(uri).set_registered_model_alias(name, alias, str(version))
+
+
+def set_tag(uri: str, name: str, version: str, tag: str) -> None:
+    key, _, value = tag.partition("=")
+    client(uri).set_model_version_tag(name, str(version), key, value)
+
+
+def download(uri: str, ref: VersionRef, cache_dir: Path) -> Path:
+    """The version's model folder in ``cache_dir``; downloaded once, then reused (keyed by version)."""
+    import mlflow.artifacts
+
+    target = Path(cache_dir) / ref.name / ref.version
+    if (target / "MLmodel").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{ref.version}-", dir=target.parent))
+    try:
+        path = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=ref.source, dst_path=str(staging), tracking_uri=uri)
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        path.rename(target)  # atomic: a half-downloaded folder is never taken for a complete one
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def model_files(model_dir: Path) -> dict[str, Path]:
+    """Where the pieces of a downloaded Tandem model folder are."""
+    extra = model_dir / "extra_files"
+    return {
+        "onnx": model_dir / "model.onnx",
+        "torchscript": model_dir / "model.pt",
+        "feature_spec": extra / FEATURE_SPEC,
+        "input_example": extra / INPUT_EXAMPLE,
+    }
+
+
+def read_input_example(model_dir: Path) -> dict[str, Any]:
+    return json.loads(model_files(model_dir)["input_example"].read_text())

@@ -1,0 +1,134 @@
+"""Typed settings, one object per process.
+
+Every field is also an environment variable ``TANDEM_<FIELD>``; command-line flags override both.
+Settings are built explicitly by the entry point (never parsed at import time), so tests can hand a
+process exactly the configuration they mean.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_HOME = Path(".tandem")
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TANDEM_", extra="ignore", validate_default=True)
+
+    registry_uri: str | None = None
+    """MLflow tracking/registry URI. Falls back to ``MLFLOW_TRACKING_URI``, then to ``--home``."""
+
+    home: Path | None = None
+    """Folder of a local Tandem registry (``tandem up --home``): sqlite file plus artifact folder."""
+
+    model: str = "demo"
+    """Registered model name this process serves."""
+
+    log_level: str = "INFO"
+    """Python logging level name."""
+
+    log_format: Literal["auto", "json", "text"] = "auto"
+    """``json`` writes one JSON object per line; ``auto`` picks text on a terminal, JSON otherwise."""
+
+    def resolved_registry_uri(self) -> str:
+        """The registry this process talks to: explicit URI, ``MLFLOW_TRACKING_URI``, else the home."""
+        if self.registry_uri:
+            return self.registry_uri
+        if self.home is None and os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return home_registry_uri(self.home or DEFAULT_HOME)
+
+
+def home_registry_uri(home: Path) -> str:
+    return f"sqlite:///{(Path(home) / 'registry.db').resolve()}"
+
+
+class WorkerSettings(CommonSettings):
+    bind: str = "tcp://0.0.0.0:5555"
+    """ZeroMQ endpoint the worker's ROUTER socket binds."""
+
+    alias: str | None = "production"
+    """Registry alias that names the version to serve (ignored when ``tag`` is set)."""
+
+    tag: str | None = None
+    """``KEY=VALUE``: serve the newest version carrying this tag instead of an alias."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto`` uses CUDA when ONNX Runtime can, else the CPU."""
+
+    max_batch_size: int = Field(64, ge=1)
+    """Most rows one model call receives."""
+
+    max_latency_ms: float = Field(10.0, ge=0)
+    """Latency window: the most a request waits for company before its batch is dispatched."""
+
+    max_queue: int = Field(1024, ge=1)
+    """Admission bound: rows queued beyond this are answered ``overloaded``."""
+
+    batcher: Literal["adaptive", "simple"] = "simple"
+    """Batching policy; ``simple`` takes whatever is queued, up to ``max_batch_size``."""
+
+    batches_in_flight: int = Field(1, ge=1)
+    """Batches executing at once; the next batch forms while these run."""
+
+    poll_interval: float = Field(5.0, gt=0)
+    """Seconds between registry polls (with jitter)."""
+
+    keep_previous_s: float = Field(30.0, ge=0)
+    """How long a replaced version stays resident for requests already encoded for it."""
+
+    metrics_port: int = Field(0, ge=0, le=65535)
+    """Port of the worker's HTTP ``/metrics`` and ``/healthz``; 0 disables it."""
+
+    cache_dir: Path | None = None
+    """Where downloaded versions are kept (default: ``<home>/cache`` or a temp folder)."""
+
+    intra_op_threads: int = Field(0, ge=0)
+    """ONNX Runtime intra-op threads; 0 lets the runtime pick (one per core)."""
+
+    @field_validator("tag")
+    @classmethod
+    def _tag_has_value(cls, tag: str | None) -> str | None:
+        if tag is not None and "=" not in tag:
+            raise ValueError("tag must look like KEY=VALUE")
+        return tag
+
+
+class AppSettings(CommonSettings):
+    host: str = "0.0.0.0"
+    """Interface uvicorn listens on."""
+
+    port: int = Field(8000, ge=0, le=65535)
+    """HTTP port."""
+
+    worker_urls: str = "tcp://127.0.0.1:5555"
+    """Comma-separated ``tcp://host:port`` list, or ``dns+tcp://name:port`` re-resolved periodically."""
+
+    redis_url: str | None = None
+    """Online feature store; unset means requests must carry every feature inline."""
+
+    timeout_ms: float = Field(1000.0, gt=0)
+    """Default deadline budget of a request (``X-Timeout-Ms`` overrides it per request)."""
+
+    max_instances: int = Field(256, ge=1)
+    """Most instances one ``/predict`` request may carry (413 beyond)."""
+
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    """Largest accepted request body (413 beyond)."""
+
+    max_in_flight: int = Field(2048, ge=1)
+    """Requests this app server holds at once; beyond it answers 503 ``overloaded``."""
+
+    heartbeat_interval: float = Field(0.5, gt=0)
+    """Seconds between pings to each worker; a worker silent for 3 intervals leaves the pool."""
+
+    dns_refresh_s: float = Field(5.0, gt=0)
+    """How often a ``dns+tcp://`` worker name is re-resolved."""
+
+    def worker_endpoints(self) -> list[str]:
+        return [u.strip() for u in self.worker_urls.split(",") if u.strip()]

@@ -1,0 +1,222 @@
+"""The ``tandem`` command line (DESIGN §2). Flags override ``TANDEM_*`` environment variables."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from shared import logs
+from shared.settings import AppSettings, CommonSettings, WorkerSettings
+
+app = typer.Typer(
+    help="Tandem model serving: stateless app servers, batching GPU workers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+RegistryUri = Annotated[
+    str | None,
+    typer.Option(
+        "--registry-uri",
+        help="MLflow registry URI (else TANDEM_REGISTRY_URI, MLFLOW_TRACKING_URI, then the --home registry).",
+    ),
+]
+Home = Annotated[Path | None, typer.Option("--home", help="Folder of a `tandem up` registry (default ./.tandem).")]
+Model = Annotated[str | None, typer.Option("--model", help="Registered model name (default demo).")]
+LogLevel = Annotated[str | None, typer.Option("--log-level")]
+
+
+def build(cls: type[CommonSettings], **flags: Any) -> Any:
+    """Settings from the environment, with every flag the user actually gave taking precedence."""
+    return cls(**{k: v for k, v in flags.items() if v is not None})
+
+
+def registry_uri(registry_uri: str | None, home: Path | None) -> str:
+    return build(CommonSettings, registry_uri=registry_uri, home=home).resolved_registry_uri()
+
+
+@app.command()
+def worker(
+    bind: Annotated[str | None, typer.Option(help="ZeroMQ endpoint to bind.")] = None,
+    model: Model = None,
+    alias: Annotated[str | None, typer.Option(help="Alias naming the version to serve.")] = None,
+    tag: Annotated[str | None, typer.Option(help="KEY=VALUE: serve the newest version with this tag.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    max_batch_size: Annotated[int | None, typer.Option()] = None,
+    max_latency_ms: Annotated[float | None, typer.Option()] = None,
+    max_queue: Annotated[int | None, typer.Option()] = None,
+    batcher: Annotated[str | None, typer.Option(help="adaptive or simple.")] = None,
+    batches_in_flight: Annotated[int | None, typer.Option()] = None,
+    poll_interval: Annotated[float | None, typer.Option(help="Seconds between registry polls.")] = None,
+    keep_previous_s: Annotated[float | None, typer.Option()] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="HTTP /metrics and probes; 0 = off.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option()] = None,
+    intra_op_threads: Annotated[int | None, typer.Option()] = None,
+    registry_uri: RegistryUri = None,
+    home: Home = None,
+    log_level: LogLevel = None,
+) -> None:
+    """Run one worker: ZeroMQ server, batcher, model runner, registry watcher."""
+    settings = build(WorkerSettings, **locals())
+    logs.configure(settings.log_level, settings.log_format, "worker")
+    from ml_worker.server import run_worker
+
+    asyncio.run(run_worker(settings))
+
+
+@app.command("app")
+def app_server(
+    host: Annotated[str | None, typer.Option()] = None,
+    port: Annotated[int | None, typer.Option()] = None,
+    worker_urls: Annotated[str | None, typer.Option(help="tcp://h:p,... or dns+tcp://name:port")] = None,
+    redis_url: Annotated[str | None, typer.Option()] = None,
+    model: Model = None,
+    timeout_ms: Annotated[float | None, typer.Option(help="Default request deadline.")] = None,
+    max_instances: Annotated[int | None, typer.Option()] = None,
+    max_in_flight: Annotated[int | None, typer.Option()] = None,
+    heartbeat_interval: Annotated[float | None, typer.Option()] = None,
+    log_level: LogLevel = None,
+) -> None:
+    """Run one app server (uvicorn)."""
+    settings = build(AppSettings, **locals())
+    import uvicorn
+
+    from app_server.app import create_app
+
+    logs.configure(settings.log_level, settings.log_format, "app")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+@app.command()
+def up(
+    home: Annotated[Path, typer.Option(help="Registry, artifacts and cache live here.")] = Path(".tandem"),
+    port: Annotated[int, typer.Option(help="App server HTTP port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = 2,
+    model: Annotated[str, typer.Option()] = "demo",
+    registry_uri: RegistryUri = None,
+    poll_interval: Annotated[float | None, typer.Option()] = None,
+    max_batch_size: Annotated[int | None, typer.Option()] = None,
+    max_latency_ms: Annotated[float | None, typer.Option()] = None,
+    batcher: Annotated[str | None, typer.Option()] = None,
+    device: Annotated[str | None, typer.Option()] = None,
+    alias: Annotated[str | None, typer.Option()] = None,
+    tag: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Everything local: registry, demo model, N workers and one app server. Ctrl-C stops it all."""
+    from tandem.up import Stack
+
+    logs.configure("INFO", "text", "up")
+    worker_flags = {
+        "poll-interval": poll_interval,
+        "max-batch-size": max_batch_size,
+        "max-latency-ms": max_latency_ms,
+        "batcher": batcher,
+        "device": device,
+        "alias": alias,
+        "tag": tag,
+    }
+    stack = Stack(
+        home=home,
+        port=port,
+        workers=workers,
+        model=model,
+        registry_uri=registry_uri,
+        worker_flags={k: str(v) for k, v in worker_flags.items() if v is not None},
+    )
+    sys.exit(stack.run())
+
+
+@app.command("demo-model")
+def demo_model(
+    size: Annotated[str, typer.Option(help="small (default) or large (compute-heavy, for benchmarks).")] = "small",
+    variant: Annotated[bool, typer.Option(help="Another seed and one extra feature: a visibly new version.")] = False,
+    seed: Annotated[int | None, typer.Option()] = None,
+    name: Annotated[str | None, typer.Option(help="Registered name (default demo / demo-large).")] = None,
+    registry_uri: RegistryUri = None,
+    home: Home = None,
+) -> None:
+    """Train the demo fraud model, register it, and print the new version."""
+    from tandem.demo import register_demo
+
+    if size not in ("small", "large"):
+        raise typer.BadParameter("--size must be small or large")
+    logs.configure("WARNING", "text", "demo")
+    uri = registry_uri_for_write(registry_uri, home)
+    ref = register_demo(
+        uri, size, seed=seed if seed is not None else (11 if variant else 7), variant=variant, name=name
+    )
+    aliases = f" (aliases: {', '.join(ref.aliases)})" if ref.aliases else ""
+    typer.echo(f"registered {ref.name} version {ref.version}{aliases}")
+
+
+def registry_uri_for_write(uri: str | None, home: Path | None) -> str:
+    resolved = registry_uri(uri, home)
+    if resolved.startswith("sqlite:///"):
+        Path(resolved.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return resolved
+
+
+@app.command()
+def promote(
+    name: str,
+    version: str,
+    alias: Annotated[str | None, typer.Option(help="Alias to move (default production).")] = None,
+    tag: Annotated[str | None, typer.Option(help="KEY=VALUE tag to set on the version instead.")] = None,
+    registry_uri: RegistryUri = None,
+    home: Home = None,
+) -> None:
+    """Point an alias at a version (or tag it); workers pick it up on their next poll."""
+    from shared import registry
+
+    uri = registry_uri_for_write(registry_uri, home)
+    if tag:
+        if "=" not in tag:
+            raise typer.BadParameter("--tag must look like KEY=VALUE")
+        registry.set_tag(uri, name, version, tag)
+        typer.echo(f"tagged {name} version {version} with {tag}")
+    else:
+        registry.set_alias(uri, name, alias or "production", version)
+        typer.echo(f"{name}@{alias or 'production'} -> version {version}")
+
+
+@app.command()
+def models(
+    name: Annotated[str, typer.Argument()] = "demo",
+    registry_uri: RegistryUri = None,
+    home: Home = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List a model's versions with their aliases and tags."""
+    from shared import registry
+
+    versions = registry.list_versions(registry_uri_for_write(registry_uri, home), name)
+    if as_json:
+        typer.echo(json.dumps([{"version": v.version, "aliases": v.aliases, "tags": v.tags} for v in versions]))
+        return
+    if not versions:
+        typer.echo(f"no versions of {name}")
+        raise typer.Exit(1)
+    for v in versions:
+        tags = " ".join(f"{k}={val}" for k, val in sorted(v.tags.items()))
+        typer.echo(f"{name} v{v.version:<4} aliases: {','.join(v.aliases) or '-':<12} tags: {tags}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

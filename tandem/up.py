@@ -1,0 +1,212 @@
+"""``tandem up``: the whole stack on one machine, supervised.
+
+Children are plain ``tandem worker`` / ``tandem app`` processes on loopback, exactly what a deployment
+runs, so what works here works there. A child that dies is restarted; Ctrl-C or SIGTERM stops every
+child (SIGTERM first so they drain, SIGKILL after a grace period).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared import registry
+from shared.settings import home_registry_uri
+
+logger = logging.getLogger("tandem.up")
+
+READY_TIMEOUT_S = 180.0
+GRACE_S = 15.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    @property
+    def exited(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+
+@dataclass
+class Stack:
+    home: Path
+    port: int = 8000
+    workers: int = 2
+    model: str = "demo"
+    registry_uri: str | None = None
+    worker_flags: dict[str, str] = field(default_factory=dict)
+    children: list[Child] = field(default_factory=list)
+    _stopping: bool = False
+
+    def run(self) -> int:
+        t0 = time.monotonic()
+        self.home.mkdir(parents=True, exist_ok=True)
+        uri = self.registry_uri or home_registry_uri(self.home)
+        self._ensure_model(uri)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self._spawn(uri)
+        try:
+            if not self._wait_ready(t0):
+                return 1
+            self._supervise()
+        finally:
+            self._stop()
+        return 0
+
+    def _ensure_model(self, uri: str) -> None:
+        alias = self.worker_flags.get("alias", "production")
+        tag = self.worker_flags.get("tag")
+        if registry.resolve(uri, self.model, alias=alias, tag=tag) is not None:
+            return
+        if self.model not in ("demo", "demo-large") or tag:
+            raise SystemExit(
+                f"registry {uri} has no version of {self.model!r} for "
+                f"{'tag ' + tag if tag else 'alias ' + alias}; register one first"
+            )
+        from tandem.demo import register_demo
+
+        logger.info("no %s model in %s yet: training the demo model", self.model, uri)
+        ref = register_demo(uri, "small" if self.model == "demo" else "large", name=self.model)
+        if alias not in ref.aliases:
+            registry.set_alias(uri, self.model, alias, ref.version)
+        logger.info("registered %s version %s as @%s", self.model, ref.version, alias)
+
+    def _spawn(self, uri: str) -> None:
+        base = [sys.executable, "-m", "tandem"]
+        endpoints = []
+        for i in range(self.workers):
+            endpoint = f"tcp://127.0.0.1:{free_port()}"
+            endpoints.append(endpoint)
+            argv = [
+                *base,
+                "worker",
+                "--bind",
+                endpoint,
+                "--model",
+                self.model,
+                "--registry-uri",
+                uri,
+                "--cache-dir",
+                str(self.home / "cache"),
+                "--metrics-port",
+                str(free_port()),
+            ]
+            for flag, value in self.worker_flags.items():
+                argv += [f"--{flag}", value]
+            self.children.append(Child(f"worker-{i}", argv))
+        self.children.append(
+            Child(
+                "app",
+                [
+                    *base,
+                    "app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--worker-urls",
+                    ",".join(endpoints),
+                    "--model",
+                    self.model,
+                ],
+            )
+        )
+        for child in self.children:
+            child.start()
+        logger.info(
+            "started %d workers (%s) and the app server on port %d", self.workers, ", ".join(endpoints), self.port
+        )
+
+    def _get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+        except OSError:
+            return 0, b""
+
+    def _wait_ready(self, t0: float) -> bool:
+        while time.monotonic() - t0 < READY_TIMEOUT_S and not self._stopping:
+            for child in self.children:
+                if child.exited is not None:
+                    logger.error("%s exited with %s before the stack was ready", child.name, child.exited)
+                    return False
+            if self._get("/readyz")[0] == 200:
+                self._print_ready(time.monotonic() - t0)
+                return True
+            time.sleep(0.2)
+        if not self._stopping:
+            logger.error("stack not ready after %.0f s", READY_TIMEOUT_S)
+        return False
+
+    def _print_ready(self, elapsed: float) -> None:
+        status, body = self._get("/v1/models")
+        info = json.loads(body)["models"][0] if status == 200 else {}
+        example = (info.get("input_example") or [{}])[0]
+        payload = json.dumps({"instances": [example]})
+        url = f"http://127.0.0.1:{self.port}"
+        print(
+            f"\nTandem is ready in {elapsed:.1f} s: {url}  (model {self.model} v{info.get('version')}, "
+            f"{self.workers} workers; Ctrl-C stops everything)\n\n"
+            f"  curl -s {url}/predict -H 'content-type: application/json' -d '{payload}'\n",
+            flush=True,
+        )
+
+    def _supervise(self) -> None:
+        while not self._stopping:
+            now = time.monotonic()
+            for child in self.children:
+                code = child.exited
+                if code is None or self._stopping:
+                    continue
+                if child.next_start == 0.0:
+                    child.restarts += 1
+                    delay = min(30.0, 0.5 * 2 ** min(child.restarts, 6))
+                    child.next_start = now + delay
+                    logger.warning("%s exited with %s; restarting in %.1f s", child.name, code, delay)
+                elif now >= child.next_start:
+                    child.next_start = 0.0
+                    child.start()
+            time.sleep(0.2)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._stopping = True
+
+    def _stop(self) -> None:
+        self._stopping = True
+        live = [c for c in self.children if c.proc is not None and c.exited is None]
+        for c in live:
+            os.killpg(c.proc.pid, signal.SIGTERM)  # type: ignore[union-attr]
+        deadline = time.monotonic() + GRACE_S
+        for c in live:
+            try:
+                c.proc.wait(max(0.1, deadline - time.monotonic()))  # type: ignore[union-attr]
+            except subprocess.TimeoutExpired:
+                os.killpg(c.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+                c.proc.wait()  # type: ignore[union-attr]
+        logger.info("stopped")
