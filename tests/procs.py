@@ -1,0 +1,157 @@
+"""Real processes for tests: workers and app servers started as a user would, on free ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
+        env = {**os.environ, "TANDEM_LOG_FORMAT": "json", **self.env}
+        self.proc = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive:
+            os.killpg(self.proc.pid, sig)  # type: ignore[union-attr]
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.proc is None:
+            return None
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            return self.proc.wait(5)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class WorkerProc(Proc):
+    endpoint: str = ""
+    metrics_port: int = 0
+
+    def metrics(self) -> str:
+        return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+
+    def counter(self, name: str, **labels: str) -> float:
+        """Value of one sample in the worker's /metrics (0 if absent)."""
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in self.metrics().splitlines():
+            if line.startswith("#"):
+                continue
+            key, _, value = line.rpartition(" ")
+            sample, _, label_part = key.partition("{")
+            got = ",".join(sorted(label_part.rstrip("}").split(","))) if label_part else ""
+            if sample == name and got == want:
+                return float(value)
+        return 0.0
+
+
+@dataclass
+class AppProc(Proc):
+    url: str = ""
+
+
+def tandem_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tandem", *args]
+
+
+def worker(
+    registry_uri: str, logs: Path, *extra: str, model: str = "demo", env: dict[str, str] | None = None
+) -> WorkerProc:
+    port, mport = free_port(), free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    argv = tandem_argv(
+        "worker",
+        "--bind",
+        endpoint,
+        "--model",
+        model,
+        "--registry-uri",
+        registry_uri,
+        "--metrics-port",
+        str(mport),
+        "--cache-dir",
+        str(logs / "cache"),
+        *extra,
+    )
+    return WorkerProc(
+        f"worker-{port}", argv, logs / f"worker-{port}.log", env or {}, endpoint=endpoint, metrics_port=mport
+    ).start()
+
+
+def app(
+    worker_urls: list[str], logs: Path, *extra: str, model: str = "demo", env: dict[str, str] | None = None
+) -> AppProc:
+    port = free_port()
+    argv = tandem_argv(
+        "app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--worker-urls",
+        ",".join(worker_urls),
+        "--model",
+        model,
+        "--heartbeat-interval",
+        "0.2",
+        *extra,
+    )
+    return AppProc(f"app-{port}", argv, logs / f"app-{port}.log", env or {}, url=f"http://127.0.0.1:{port}").start()
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception as exc:
+            last = exc
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not reached within {timeout} s (last error: {last})")
+
+
+def wait_ready(app_proc: AppProc, timeout: float = 60.0) -> None:
+    def ready() -> bool:
+        if not app_proc.alive:
+            raise RuntimeError(f"app server exited:\n{app_proc.log()[-3000:]}")
+        return httpx.get(f"{app_proc.url}/readyz", timeout=2).status_code == 200
+
+    wait_for(ready, timeout, what=f"{app_proc.url}/readyz == 200")
