@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from pydantic import TypeAdapter, ValidationError
@@ -102,10 +102,16 @@ class VersionSpecs:
         return found
 
 
+class FeatureSource(Protocol):
+    async def fill(self, spec: FeatureSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows with stored features of their ``entity_id`` filled in where the request left gaps."""
+
+
 class Predictor:
-    def __init__(self, settings: AppSettings, pool: WorkerPool) -> None:
+    def __init__(self, settings: AppSettings, pool: WorkerPool, feature_store: FeatureSource | None = None) -> None:
         self.settings = settings
         self.pool = pool
+        self.feature_store = feature_store
         self.specs = VersionSpecs(pool)
         self.in_flight = 0
 
@@ -133,6 +139,8 @@ class Predictor:
         except ValidationError as exc:
             raise validation_error(exc, ("instances",)) from None
         rows = [inst.__dict__ for inst in validated]
+        if self.feature_store is not None and spec.entity:
+            rows = await self.feature_store.fill(spec, rows)
         x = spec.encoder.encode(rows)
         metrics.ENCODE_DURATION.observe(time.perf_counter() - t0)
         return Prepared(version, x, spec.input_name, spec.output_name)

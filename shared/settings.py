@@ -112,6 +112,12 @@ class AppSettings(CommonSettings):
     redis_url: str | None = None
     """Online feature store; unset means requests must carry every feature inline."""
 
+    feature_timeout_ms: float = Field(50.0, gt=0)
+    """Budget of one pipelined Redis round trip for a request's entities."""
+
+    prediction_cache_ttl_s: float = Field(0.0, ge=0)
+    """Seconds a prediction stays in the Redis prediction cache; 0 turns the cache off."""
+
     timeout_ms: float = Field(1000.0, gt=0)
     """Default deadline budget of a request (``X-Timeout-Ms`` overrides it per request)."""
 
