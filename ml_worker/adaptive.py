@@ -1,0 +1,298 @@
+"""The adaptive, deadline-aware batcher (DESIGN §5): dispatch, admission and expiry from a cost model.
+
+A pure object like every batcher (see :mod:`ml_worker.batcher`): no clock, no threads, no I/O; every
+method takes ``now``. Requests queue per model version in arrival order; a batch holds one version.
+
+Dispatch (only while the server says a batch may start; otherwise the batch keeps growing). The
+forming batch is the oldest version's queue, taken in order up to ``max_batch_size`` rows, and goes
+as soon as any of these holds:
+
+1. full: it has ``max_batch_size`` rows, or a queued request of its version could not join it;
+2. deadline: ``now + upper(t(b)) + margin_s`` reaches the tightest deadline in it, so waiting any
+   longer would make a member late;
+3. window: ``max_latency_s`` has passed since its oldest request arrived;
+4. enough: it has at least ``b*`` rows, the smallest batch whose rows cover the arrivals during its
+   own execution (``b* = ⌈λ'a / (1 - λ'c)⌉``, ``λ'`` the arrival rate times ``headroom``). Waiting
+   for more company than that raises latency without raising throughput. At low load ``b* = 1``, so
+   a lone request runs at once; near capacity ``b*`` reaches the full batch.
+5. another version is queued behind it (a swap is under way): holding would only delay both.
+
+When none holds, :attr:`Poll.wait_s` is the time until the window closes or the deadline rule fires,
+whichever is first, so the server wakes exactly then (arrivals and finished batches wake it anyway).
+
+Admission (:meth:`AdaptiveBatcher.offer`) estimates when the request would finish: the running batch's
+predicted end, the queue ahead drained in full batches of mean cost, then its own batch at the
+pessimistic cost plus ``margin_s``. If that is past its deadline it is refused now (``overloaded``),
+rather than queued to die; so is anything beyond ``max_queue`` rows.
+
+Expiry: a queued request is answered ``deadline_exceeded`` and never run once its deadline has passed
+or it can no longer make it even if dispatched at the earliest moment (now, or when the running
+batch is predicted to end): a late answer is useless to a caller that has already given up.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import deque
+from collections.abc import Mapping
+
+from ml_worker.batcher import Pending, Poll
+from ml_worker.cost_model import ArrivalRate, CostModel
+
+MAX_SKIPS = 8
+"""Requests too large for the forming batch that a scan steps over looking for smaller ones."""
+
+
+class AdaptiveBatcher:
+    """Batches of one model version, dispatched by deadline, fill, window and arrival rate."""
+
+    def __init__(
+        self,
+        max_batch_size: int = 64,
+        max_latency_s: float = 0.010,
+        max_queue: int = 1024,
+        *,
+        margin_s: float = 0.001,
+        headroom: float = 1.2,
+        rate_tau_s: float = 0.5,
+        cost_window: int = 128,
+        max_versions: int = 4,
+    ) -> None:
+        self.max_batch_size = max_batch_size
+        self.max_latency_s = max_latency_s
+        self.max_queue = max_queue
+        self.margin_s = margin_s
+        """Slack for what the cost model does not see: the event loop's hand-off and reply sending."""
+        self.headroom = headroom
+        """Arrival rate is multiplied by this before sizing ``b*``, so estimation noise errs large."""
+        self.max_versions = max_versions
+        self._cost_window = cost_window
+        self._costs: dict[str, CostModel] = {}
+        self._last_version: str | None = None
+        self._rate = ArrivalRate(rate_tau_s)
+        self._queues: dict[str, deque[Pending]] = {}
+        self._vrows: dict[str, int] = {}
+        self._rows = 0
+        self._live: set[int] = set()  # id() of queued items; heap and deques drop dead ones lazily
+        self._heap: list[tuple[float, int, Pending]] = []  # (deadline, seq, item): expiry order
+        self._seq = itertools.count()
+        self._ends: list[float] = []  # predicted end of each batch in flight
+
+    # -- cost model ----------------------------------------------------------------------------------
+
+    def cost(self, version: str) -> CostModel:
+        """The version's cost model; a new version starts from the line of the last one used."""
+        model = self._costs.get(version)
+        if model is None:
+            prior = self._costs.get(self._last_version or "")
+            line = (prior.a, prior.c) if prior else (1e-3, 0.0)
+            model = CostModel(window=self._cost_window, prior=line, prior_sizes=(1, self.max_batch_size))
+            self._costs[version] = model
+            self._forget_old_versions()
+        return model
+
+    def seed(self, version: str, timings: Mapping[int, float]) -> None:
+        """Seed ``version``'s cost model from warm-up timings; cheap and idempotent once seeded."""
+        model = self._costs.get(version)
+        if model is not None and model.seeded:
+            return
+        self.cost(version).seed(timings)
+
+    def observe(self, version: str, rows: int, seconds: float) -> None:
+        self.cost(version).observe(rows, seconds)
+        self._last_version = version
+        if self._ends:
+            heapq.heappop(self._ends)  # a batch finished: drop the earliest predicted end
+
+    def arrival_rate(self, now: float) -> float:
+        """Rows per second offered recently (admitted or not)."""
+        return self._rate.rate(now)
+
+    def _forget_old_versions(self) -> None:
+        for v in list(self._costs):
+            if len(self._costs) <= self.max_versions:
+                break
+            if v != self._last_version and not self._vrows.get(v):
+                del self._costs[v]
+
+    # -- admission -----------------------------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        return self._rows
+
+    def offer(self, item: Pending, now: float) -> bool:
+        self._rate.add(item.rows, now)
+        if self._rows and self._rows + item.rows > self.max_queue:
+            return False
+        if self._finish_estimate(item, now) > item.deadline:
+            return False
+        v = item.version
+        if v not in self._queues:
+            self._queues[v] = deque()
+            self._vrows[v] = 0
+        self._queues[v].append(item)
+        self._vrows[v] += item.rows
+        self._rows += item.rows
+        self._live.add(id(item))
+        heapq.heappush(self._heap, (item.deadline, next(self._seq), item))
+        if len(self._heap) > 4 * len(self._live) + 64:
+            self._compact()
+        return True
+
+    def estimated_wait_s(self, now: float) -> float:
+        """Seconds until a request arriving now would start executing (for routing heartbeats)."""
+        cost = self.cost(self._last_version) if self._last_version else None
+        busy = self._free_at(now) - now
+        return busy + (self._drain_s(self._rows, cost) if cost else 0.0)
+
+    def _finish_estimate(self, item: Pending, now: float) -> float:
+        """Predicted end of ``item``'s batch if it were queued now (FIFO, batches of mean cost ahead)."""
+        cost = self.cost(item.version)
+        start = self._free_at(now)
+        if item.rows >= self.max_batch_size:  # runs alone, after everything queued
+            return start + self._drain_s(self._rows, cost) + cost.upper(item.rows) + self.margin_s
+        total = self._rows + item.rows  # it joins the last, possibly partial, batch
+        full = (total - 1) // self.max_batch_size
+        last = total - full * self.max_batch_size
+        return start + full * cost.predict(self.max_batch_size) + cost.upper(last) + self.margin_s
+
+    def _drain_s(self, rows: int, cost: CostModel) -> float:
+        full, rest = divmod(rows, self.max_batch_size)
+        return full * cost.predict(self.max_batch_size) + (cost.predict(rest) if rest else 0.0)
+
+    def _free_at(self, now: float) -> float:
+        """When the executor is predicted to be free: now, or the earliest in-flight batch's end."""
+        while self._ends and self._ends[0] <= now:  # overdue or finished without observe()
+            heapq.heappop(self._ends)
+        return self._ends[0] if self._ends else now
+
+    # -- dispatch ------------------------------------------------------------------------------------
+
+    def poll(self, now: float, can_dispatch: bool) -> Poll:
+        result = Poll()
+        start = now if can_dispatch else self._free_at(now)
+        self._expire(now, start, result.expired)
+        if not self._rows:
+            return result
+        if not can_dispatch:
+            result.wait_s = max(self._next_doom() - now, 0.0)
+            return result
+        version = min((self._head(q) for q in self._queues.values()), key=lambda p: p.arrival).version
+        batch, rows, tight, left_behind = self._form(version, now)
+        cost = self.cost(version)
+        latest_start = tight - cost.upper(rows) - self.margin_s
+        window_close = batch[0].arrival + self.max_latency_s
+        go = (
+            rows >= self.max_batch_size
+            or left_behind
+            or now >= latest_start
+            or now >= window_close
+            or rows >= self._target_rows(cost, now)
+            or self._vrows[version] < self._rows
+        )
+        if go:
+            for p in batch:
+                self._remove(p)
+            heapq.heappush(self._ends, now + cost.predict(rows))
+            result.batch = batch
+        else:
+            self._queues[version].extendleft(reversed(batch))
+            result.wait_s = max(min(window_close, latest_start, self._next_doom()) - now, 0.0)
+        return result
+
+    def _form(self, version: str, now: float) -> tuple[list[Pending], int, float, bool]:
+        """Pop the forming batch off the front of ``version``'s queue (in order, skipping requests
+        too large to join); returns it, its rows, its tightest deadline, and whether a request was
+        left behind (too large, or it would make the batch too slow for someone's deadline)."""
+        q = self._queues[version]
+        cost = self.cost(version)
+        batch: list[Pending] = []
+        skipped: list[Pending] = []
+        rows, tight, left_behind = 0, math.inf, False
+        while q and rows < self.max_batch_size:
+            p = q.popleft()
+            if id(p) not in self._live:
+                continue
+            if batch and rows + p.rows > self.max_batch_size:
+                skipped.append(p)
+                left_behind = True
+                if len(skipped) >= MAX_SKIPS:
+                    break
+                continue
+            d = min(tight, p.deadline)
+            if batch and now + cost.upper(rows + p.rows) + self.margin_s > d:
+                q.appendleft(p)
+                left_behind = True
+                break
+            batch.append(p)
+            rows += p.rows
+            tight = d
+        q.extendleft(reversed(skipped))
+        return batch, rows, tight, left_behind
+
+    def _head(self, q: deque[Pending]) -> Pending:
+        """The first live request of a version's queue (a queue in the dict always has one)."""
+        while id(q[0]) not in self._live:
+            q.popleft()
+        return q[0]
+
+    def _target_rows(self, cost: CostModel, now: float) -> float:
+        """``b*``: the smallest batch that keeps up with arrivals (see the module docstring)."""
+        lam = self._rate.rate(now) * self.headroom
+        if lam * cost.c >= 1.0:
+            return self.max_batch_size
+        return max(1.0, math.ceil(lam * cost.a / (1.0 - lam * cost.c)))
+
+    # -- expiry and cancellation ---------------------------------------------------------------------
+
+    def _expire(self, now: float, start: float, out: list[Pending]) -> None:
+        """Move to ``out`` queued requests past their deadline or unable to make it from ``start``.
+
+        Walks the deadline heap from the earliest and stops at the first request that can still
+        make it; a larger request behind it is caught on a later poll or when its batch forms.
+        """
+        heap = self._heap
+        while heap:
+            deadline, _, p = heap[0]
+            if id(p) not in self._live:
+                heapq.heappop(heap)
+                continue
+            if deadline > now and start + self.cost(p.version).predict(p.rows) <= deadline:
+                return
+            heapq.heappop(heap)
+            self._remove(p)
+            out.append(p)
+
+    def _next_doom(self) -> float:
+        """When the earliest-deadline queued request stops being able to make it."""
+        heap = self._heap
+        while heap and id(heap[0][2]) not in self._live:
+            heapq.heappop(heap)
+        if not heap:
+            return math.inf
+        deadline, _, p = heap[0]
+        return deadline - self.cost(p.version).predict(p.rows)
+
+    def cancel(self, msg_id: str) -> bool:
+        for q in self._queues.values():
+            for p in q:
+                if p.msg_id == msg_id and id(p) in self._live:
+                    self._remove(p)
+                    return True
+        return False
+
+    def _remove(self, p: Pending) -> None:
+        """Forget a queued request; its deque and heap entries are dropped when next met."""
+        self._live.discard(id(p))
+        self._rows -= p.rows
+        self._vrows[p.version] -= p.rows
+        if not self._vrows[p.version]:
+            del self._vrows[p.version]
+            del self._queues[p.version]
+
+    def _compact(self) -> None:
+        self._heap = [e for e in self._heap if id(e[2]) in self._live]
+        heapq.heapify(self._heap)
