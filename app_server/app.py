@@ -15,8 +15,10 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app_server import metrics
+from app_server.feature_store import RedisFeatureStore
 from app_server.predict import Predictor, format_loc
-from app_server.routes import json_response, router
+from app_server.prediction_cache import PredictionCache
+from app_server.routes import install_openapi, json_response, router
 from app_server.workers import WorkerPool
 from shared.errors import TandemError
 from shared.settings import AppSettings
@@ -74,6 +76,8 @@ def _error_response(request: Request, exc: TandemError) -> Response:
 
 def create_app(settings: AppSettings, pool: WorkerPool | None = None) -> FastAPI:
     pool = pool or WorkerPool(settings)
+    feature_store = RedisFeatureStore.from_settings(settings) if settings.redis_url else None
+    cache = PredictionCache.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
@@ -82,6 +86,9 @@ def create_app(settings: AppSettings, pool: WorkerPool | None = None) -> FastAPI
             yield
         finally:
             await pool.close()
+            for redis_user in (feature_store, cache):
+                if redis_user is not None:
+                    await redis_user.close()
 
     app = FastAPI(
         title="Tandem",
@@ -90,8 +97,9 @@ def create_app(settings: AppSettings, pool: WorkerPool | None = None) -> FastAPI
         description="Model serving: stateless app servers, batching GPU workers.",
     )
     app.state.settings = settings
-    app.state.predictor = Predictor(settings, pool)
+    app.state.predictor = Predictor(settings, pool, feature_store, cache)
     app.include_router(router)
+    install_openapi(app)
     app.add_middleware(MetricsMiddleware)
 
     @app.get("/metrics", include_in_schema=False)

@@ -37,3 +37,12 @@ WORKER_RTT = Histogram("tandem_worker_rtt_seconds", "Round trip of one call to a
 WORKERS_READY = Gauge("tandem_workers_ready", "Workers answering heartbeats")
 RETRIES = Counter("tandem_retries_total", "Calls retried on another worker or version", ["reason"])
 IN_FLIGHT = Gauge("tandem_in_flight_requests", "Requests this app server is holding")
+FEATURE_STORE_LOOKUPS = Counter(
+    "tandem_feature_store_lookups_total", "Entities read from the feature store, by whether they were found", ["result"]
+)
+FEATURE_STORE_ERRORS = Counter(
+    "tandem_feature_store_errors_total", "Feature store reads that failed or timed out (answered 503)"
+)
+PREDICTION_CACHE = Counter(
+    "tandem_prediction_cache_total", "Prediction cache lookups per row, by result (hit, miss, error)", ["result"]
+)

@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import TypeAdapter, ValidationError
 
 from app_server import metrics
+from app_server.prediction_cache import PredictionCache
 from app_server.workers import WorkerConn, WorkerLost, WorkerPool
 from shared.errors import (
     DeadlineExceeded,
@@ -82,6 +83,15 @@ class Prepared:
     x: np.ndarray
     input_name: str
     output_name: str
+    cache_keys: list[str] | None = None
+    cached: list[Any] | None = None
+    """Predictions found in the prediction cache, ``None`` where a row still has to be computed."""
+    todo: np.ndarray | None = None
+    """Indices of the rows the worker must compute (all of them when ``None``)."""
+
+    @property
+    def to_send(self) -> np.ndarray:
+        return self.x if self.todo is None else self.x[self.todo]
 
 
 class VersionSpecs:
@@ -108,10 +118,17 @@ class FeatureSource(Protocol):
 
 
 class Predictor:
-    def __init__(self, settings: AppSettings, pool: WorkerPool, feature_store: FeatureSource | None = None) -> None:
+    def __init__(
+        self,
+        settings: AppSettings,
+        pool: WorkerPool,
+        feature_store: FeatureSource | None = None,
+        cache: PredictionCache | None = None,
+    ) -> None:
         self.settings = settings
         self.pool = pool
         self.feature_store = feature_store
+        self.cache = cache
         self.specs = VersionSpecs(pool)
         self.in_flight = 0
 
@@ -171,12 +188,15 @@ class Predictor:
             version = conn.live_versions[model] or ""
             if version not in prepared:
                 prepared[version] = await self.prepare(conn, version, instances)
+                await self._look_up_cache(model, prepared[version])
             p = prepared[version]
+            if p.todo is not None and p.todo.size == 0:
+                return self._from_cache(p, model, request_id)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceeded("deadline passed before the request reached a worker")
             try:
-                reply = await self.pool.infer(conn, model, version, {p.input_name: p.x}, remaining, request_id)
+                reply = await self.pool.infer(conn, model, version, {p.input_name: p.to_send}, remaining, request_id)
             except TimeoutError:
                 raise DeadlineExceeded(f"no answer within the deadline (worker {conn.endpoint})") from None
             except WorkerLost as exc:
@@ -187,7 +207,7 @@ class Predictor:
                 continue
             status = reply.header.get("status")
             if status == Status.OK:
-                return self._answer(reply, p, model, request_id)
+                return await self._answer(reply, p, model, request_id)
             if status == Status.VERSION_UNAVAILABLE:
                 metrics.RETRIES.labels("version_unavailable").inc()
                 if reply.header.get("version"):
@@ -203,16 +223,36 @@ class Predictor:
         assert last_error is not None
         raise last_error
 
-    def _answer(self, reply: Any, p: Prepared, model: str, request_id: str) -> dict[str, Any]:
+    async def _look_up_cache(self, model: str, p: Prepared) -> None:
+        """Mark which rows the cache already answers for this version (one MGET)."""
+        if self.cache is None:
+            return
+        p.cache_keys = self.cache.keys(model, p.version, p.x)
+        p.cached = await self.cache.get(p.cache_keys)
+        p.todo = np.fromiter((i for i, v in enumerate(p.cached) if v is None), np.intp)
+
+    def _from_cache(self, p: Prepared, model: str, request_id: str) -> dict[str, Any]:
+        return {"predictions": p.cached, "model": model, "model_version": p.version, "request_id": request_id}
+
+    async def _answer(self, reply: Any, p: Prepared, model: str, request_id: str) -> dict[str, Any]:
         out = reply.tensors.get(p.output_name)
-        if out is None or out.shape[0] != p.x.shape[0]:
+        sent = p.to_send.shape[0]
+        if out is None or out.shape[0] != sent:
             raise ModelError(
-                f"model {model} v{reply.header.get('version')} answered without "
-                f"{p.x.shape[0]} rows of {p.output_name!r}"
+                f"model {model} v{reply.header.get('version')} answered without {sent} rows of {p.output_name!r}"
             )
-        return {
-            "predictions": predictions_from(out),
-            "model": model,
-            "model_version": reply.header.get("version"),
-            "request_id": request_id,
-        }
+        predictions = predictions_from(out)
+        version = reply.header.get("version")
+        if self.cache is not None and p.todo is not None and p.cache_keys is not None:
+            # Stored only under the version that computed them: the key names the version the rows were
+            # encoded for, and a worker answering for any other version is not cached at all.
+            if str(version) != p.version:
+                if p.todo.size < len(p.cache_keys):  # would mix two versions in one answer
+                    raise ModelError(f"worker answered v{version} for rows encoded for v{p.version}")
+                return {"predictions": predictions, "model": model, "model_version": version, "request_id": request_id}
+            await self.cache.put([p.cache_keys[i] for i in p.todo], predictions)
+            merged = list(p.cached or [])
+            for i, prediction in zip(p.todo.tolist(), predictions, strict=True):
+                merged[i] = prediction
+            predictions = merged
+        return {"predictions": predictions, "model": model, "model_version": version, "request_id": request_id}

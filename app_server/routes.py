@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import uuid
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 
 from app_server.predict import Predictor
 from shared.errors import InvalidInput, NoWorkers, TooLarge
+from shared.features import FeatureSpec
 
 logger = logging.getLogger(__name__)
 
@@ -129,11 +131,9 @@ async def models(request: Request) -> Response:
             for c in pool.conns.values()
         ],
     }
-    candidates = pool.candidates(model)
-    if candidates:
-        newest = max(candidates, key=lambda c: int(c.live_versions[model] or 0))
-        version = newest.live_versions[model] or ""
-        desc = await pool.describe(newest, model, version)
+    served = await _newest_description(predictor)
+    if served is not None:
+        version, desc = served
         entry.update(
             version=version,
             feature_spec=desc["feature_spec"],
@@ -141,3 +141,84 @@ async def models(request: Request) -> Response:
             device=desc.get("device"),
         )
     return json_response({"models": [entry]})
+
+
+async def _newest_description(predictor: Predictor) -> tuple[str, dict[str, Any]] | None:
+    """Version and describe() of the newest version any live worker serves, or None if none does."""
+    model = predictor.settings.model
+    candidates = predictor.pool.candidates(model)
+    if not candidates:
+        return None
+    newest = max(candidates, key=lambda c: int(c.live_versions[model] or 0))
+    version = newest.live_versions[model] or ""
+    return version, await predictor.pool.describe(newest, model, version)
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Serve an OpenAPI document whose ``/predict`` body shows the served version's fields.
+
+    The feature spec is known only at runtime, from the workers, and FastAPI builds its document once
+    and synchronously. So ``/openapi.json`` (which ``/docs`` reads) is replaced by an async route that
+    asks a worker for the newest version's spec and patches the static document; until a worker is
+    up it serves the static one. One document is kept per version.
+    """
+    url = app.openapi_url or "/openapi.json"
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != url]
+    documents: dict[str, dict[str, Any]] = {}
+
+    @app.get(url, include_in_schema=False)
+    async def openapi_document(request: Request) -> Response:
+        predictor = _predictor(request)
+        try:
+            served = await _newest_description(predictor)
+        except Exception as exc:  # the static document is still useful without the model's fields
+            logger.warning("OpenAPI: could not describe the served version (%s)", exc)
+            served = None
+        if served is None:
+            return json_response(app.openapi())
+        version, desc = served
+        if version not in documents:
+            documents[version] = with_instance_schema(app.openapi(), version, desc, predictor)
+        return json_response(documents[version])
+
+
+def with_instance_schema(
+    base: dict[str, Any], version: str, desc: dict[str, Any], predictor: Predictor
+) -> dict[str, Any]:
+    """A copy of ``base`` whose /predict request body documents one version's instance fields."""
+    doc = copy.deepcopy(base)
+    spec = FeatureSpec.model_validate(desc["feature_spec"])
+    instance = spec.instance_model.model_json_schema()
+    for f in spec.features:
+        prop = instance["properties"][f.name]
+        note = f"{f.type} feature; " + (
+            f"default {f.default!r}" if f.default is not None else "no default: required unless stored for the entity"
+        )
+        if f.type == "categorical":
+            note += f"; vocabulary {f.vocabulary}, anything else is out-of-vocabulary"
+        prop["description"] = f"{prop['description']} ({note})" if prop.get("description") else note
+    model = predictor.settings.model
+    instance["title"] = f"{model} v{version} instance"
+    doc.setdefault("components", {}).setdefault("schemas", {})["PredictInstance"] = instance
+    post = doc["paths"]["/predict"]["post"]
+    body = post["requestBody"]["content"]["application/json"]
+    body["schema"] = {
+        "type": "object",
+        "required": ["instances"],
+        "additionalProperties": False,
+        "properties": {
+            "instances": {
+                "type": "array",
+                "items": {"$ref": "#/components/schemas/PredictInstance"},
+                "minItems": 1,
+                "maxItems": predictor.settings.max_instances,
+            }
+        },
+    }
+    if desc.get("input_example"):
+        body["example"] = {"instances": desc["input_example"][:2]}
+    post["description"] = (
+        f"{post.get('description', '')}\n\nInstances are validated against the feature spec of {model} "
+        f"v{version}, the newest version a worker serves."
+    ).strip()
+    return doc
