@@ -96,13 +96,21 @@ class WorkerServer:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def drain(self, timeout_s: float = 30.0) -> None:
-        """Stop admitting work, answer everything held, then stop serving."""
+        """Stop admitting work, answer everything held, then stop serving.
+
+        New requests are refused (``overloaded``, so the app retries elsewhere) for at least
+        ``drain_grace_s``: long enough for app servers to see ``draining`` in a heartbeat and stop
+        routing here before the socket closes.
+        """
         self._draining = True
         logger.info("draining: %d rows queued, %d batches running", self.batcher.depth, self._in_flight)
-        deadline = time.monotonic() + timeout_s
-        while (self.batcher.depth or self._in_flight) and time.monotonic() < deadline:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s and (
+            self.batcher.depth or self._in_flight or time.monotonic() - start < self.settings.drain_grace_s
+        ):
             self._wake.set()
             await asyncio.sleep(0.01)
+        logger.info("drained in %.2f s", time.monotonic() - start)
         for t in self._tasks:
             t.cancel()
 

@@ -82,6 +82,10 @@ class WorkerSettings(CommonSettings):
     keep_previous_s: float = Field(30.0, ge=0)
     """How long a replaced version stays resident for requests already encoded for it."""
 
+    drain_grace_s: float = Field(1.0, ge=0)
+    """On SIGTERM, keep refusing new work this long (after finishing held work) before exiting, so app
+    servers see the drain in a heartbeat instead of a vanished socket."""
+
     metrics_port: int = Field(0, ge=0, le=65535)
     """Port of the worker's HTTP ``/metrics`` and ``/healthz``; 0 disables it."""
 

@@ -1,0 +1,218 @@
+"""The worker's ZeroMQ server in-process, over real sockets: answers, refusals, garbage."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+import zmq.asyncio
+
+from ml_worker.models import ModelStore, load_version
+from ml_worker.server import WorkerServer
+from shared import protocol, registry
+from shared.protocol import Kind
+from shared.settings import WorkerSettings
+
+
+@pytest.fixture(scope="module")
+def model_dir(demo_registry, tmp_path_factory) -> Path:
+    return registry.download(demo_registry.uri, demo_registry.version, tmp_path_factory.mktemp("cache"))
+
+
+@contextlib.asynccontextmanager
+async def serving(model_dir: Path, registry_uri: str, **overrides):
+    settings = WorkerSettings(bind="tcp://127.0.0.1:*", registry_uri=registry_uri, **overrides)
+    store = ModelStore("demo")
+    store.swap(load_version("demo", "1", model_dir), time.monotonic())
+    server = WorkerServer(settings, store=store)
+    task = asyncio.create_task(server.serve(watch=False))
+    ctx = zmq.asyncio.Context()
+    client = ctx.socket(zmq.DEALER)
+    client.connect(server.endpoint)
+    try:
+        yield server, client
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        client.close(0)
+        ctx.term()
+
+
+async def ask(client, frames, timeout=5.0) -> protocol.Message:
+    await client.send_multipart(frames)
+    return protocol.parse_reply(await asyncio.wait_for(client.recv_multipart(), timeout))
+
+
+def example_rows(model_dir: Path) -> tuple[np.ndarray, list[float]]:
+    from shared.features import load_spec
+
+    example = registry.read_input_example(model_dir)
+    spec = load_spec(registry.model_files(model_dir)["feature_spec"].read_text())
+    return spec.encoder.encode(example["instances"]), example["predictions"]
+
+
+async def test_infer_ping_and_describe(model_dir, demo_registry):
+    x, expected = example_rows(model_dir)
+    async with serving(model_dir, demo_registry.uri) as (_, client):
+        pong = await ask(client, protocol.request(Kind.PING, "p1"))
+        assert pong.header["status"] == "ok"
+        assert pong.header["models"] == {"demo": {"live": "1", "resident": ["1"]}}
+        assert pong.header["device"] == "cpu"
+        reply = await ask(
+            client, protocol.request(Kind.INFER, "i1", model="demo", version="1", budget_ms=1000, inputs={"input": x})
+        )
+        assert reply.id == "i1" and reply.header["status"] == "ok" and reply.header["version"] == "1"
+        np.testing.assert_allclose(reply.tensors["probability"][:, 0], expected, rtol=1e-5)
+        assert reply.header["timing"]["batch_size"] == len(expected)
+        desc = await ask(client, protocol.request(Kind.DESCRIBE, "d1", model="demo", version="1"))
+        assert desc.header["describe"]["feature_spec"]["entity"] == "account"
+        assert desc.header["describe"]["input_example"]
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [b"not msgpack at all \xc1"],
+        [msgpack.packb({"v": 99, "kind": "infer", "id": "g1"})],
+        [
+            msgpack.packb(
+                {
+                    "v": 1,
+                    "kind": "infer",
+                    "id": "g1",
+                    "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 1000]}],
+                }
+            ),
+            b"\x00" * 8,
+        ],
+        [
+            msgpack.packb(
+                {
+                    "v": 1,
+                    "kind": "infer",
+                    "id": "g1",
+                    "budget_ms": 100,
+                    "version": "1",
+                    "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 3]}],
+                }
+            ),
+            b"\x00" * 12,
+        ],
+        [
+            msgpack.packb(
+                {
+                    "v": 1,
+                    "kind": "infer",
+                    "id": "g1",
+                    "budget_ms": 100,
+                    "version": "1",
+                    "inputs": [{"name": "wrong", "dtype": "float32", "shape": [1, 1]}],
+                }
+            ),
+            b"\x00" * 4,
+        ],
+    ],
+)
+async def test_garbage_gets_bad_request_and_the_worker_keeps_serving(model_dir, demo_registry, frames):
+    x, _ = example_rows(model_dir)
+    async with serving(model_dir, demo_registry.uri) as (_, client):
+        await client.send_multipart(frames)
+        bad = protocol.parse_reply(await asyncio.wait_for(client.recv_multipart(), 5))
+        assert bad.header["status"] == "bad_request"
+        assert bad.header["message"]
+        good = await ask(
+            client, protocol.request(Kind.INFER, "ok", model="demo", version="1", budget_ms=1000, inputs={"input": x})
+        )
+        assert good.header["status"] == "ok"
+
+
+async def test_unknown_version_and_spent_budget_are_refused(model_dir, demo_registry):
+    x, _ = example_rows(model_dir)
+    async with serving(model_dir, demo_registry.uri) as (_, client):
+        r = await ask(
+            client, protocol.request(Kind.INFER, "v", model="demo", version="7", budget_ms=1000, inputs={"input": x})
+        )
+        assert r.header["status"] == "version_unavailable"
+        assert r.header["version"] == "1"  # tells the app what it holds instead
+        r = await ask(
+            client, protocol.request(Kind.INFER, "b", model="demo", version="1", budget_ms=0, inputs={"input": x})
+        )
+        assert r.header["status"] == "deadline_exceeded"
+
+
+async def test_concurrent_requests_are_batched_and_each_gets_its_rows(model_dir, demo_registry):
+    x, expected = example_rows(model_dir)
+    async with serving(model_dir, demo_registry.uri, max_batch_size=64) as (_, client):
+        for i in range(40):
+            await client.send_multipart(
+                protocol.request(
+                    Kind.INFER,
+                    f"c{i}",
+                    model="demo",
+                    version="1",
+                    budget_ms=2000,
+                    inputs={"input": x[i % len(x) :][:1]},
+                )
+            )
+        replies = {}
+        for _ in range(40):
+            msg = protocol.parse_reply(await asyncio.wait_for(client.recv_multipart(), 5))
+            replies[msg.id] = msg
+        assert len(replies) == 40
+        for i in range(40):
+            r = replies[f"c{i}"]
+            assert r.header["status"] == "ok"
+            assert r.tensors["probability"][0, 0] == pytest.approx(expected[i % len(x)], rel=1e-5)
+        assert max(r.header["timing"]["batch_size"] for r in replies.values()) > 1
+
+
+class SlowRunner:
+    """Delegates to the real runner after a pause: work that is visibly still held during a drain."""
+
+    def __init__(self, runner, delay_s: float) -> None:
+        self.runner, self.delay_s = runner, delay_s
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def run(self, x):
+        time.sleep(self.delay_s)
+        return self.runner.run(x)
+
+
+async def test_draining_worker_refuses_new_work_and_answers_what_it_holds(model_dir, demo_registry):
+    x, _ = example_rows(model_dir)
+    async with serving(model_dir, demo_registry.uri, drain_grace_s=0.5, max_batch_size=4) as (server, client):
+        server.store.live.runner = SlowRunner(server.store.live.runner, 0.3)
+        for i in range(5):
+            await client.send_multipart(
+                protocol.request(
+                    Kind.INFER, f"h{i}", model="demo", version="1", budget_ms=5000, inputs={"input": x[:1]}
+                )
+            )
+        await asyncio.sleep(0.05)  # received well within this; the first batch runs for 0.3 s
+        assert server.batcher.depth == 1 and server._in_flight == 1  # four rows running, one queued
+        drain = asyncio.create_task(server.drain())
+        await asyncio.sleep(0)
+        assert not server.ready
+        await client.send_multipart(
+            protocol.request(Kind.INFER, "late", model="demo", version="1", budget_ms=2000, inputs={"input": x})
+        )
+        await client.send_multipart(protocol.request(Kind.PING, "p"))
+        replies = {}
+        while len(replies) < 7:
+            msg = protocol.parse_reply(await asyncio.wait_for(client.recv_multipart(), 5))
+            replies[msg.id] = msg.header
+        late, pong = replies.pop("late"), replies.pop("p")
+        statuses = {k: h["status"] for k, h in replies.items()}
+        await asyncio.wait_for(drain, 5)
+        assert late["status"] == "overloaded" and "draining" in late["message"]
+        assert pong["draining"] is True
+        assert statuses == {f"h{i}": "ok" for i in range(5)}

@@ -1,0 +1,86 @@
+"""Wire protocol: the frame layout is a tested contract."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+
+from shared import protocol
+from shared.errors import ProtocolError
+from shared.protocol import DTYPES, Kind, Status
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_every_supported_dtype_round_trips(dtype):
+    rng = np.random.default_rng(0)
+    x = (rng.random((3, 5)) * 100).astype(dtype)
+    frames = protocol.request(Kind.INFER, "m1", model="demo", version="2", budget_ms=50, inputs={"input": x})
+    assert len(frames) == 2
+    msg = protocol.parse_request(frames)
+    assert msg.id == "m1"
+    assert msg.header["kind"] == "infer" and msg.header["version"] == "2" and msg.header["budget_ms"] == 50
+    got = msg.tensors["input"]
+    assert got.dtype == x.dtype and got.shape == x.shape
+    np.testing.assert_array_equal(got, x)
+
+
+def test_non_contiguous_empty_and_many_tensors():
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    tensors = {"strided": base[:, ::2], "empty": np.zeros((0, 6), np.float32), "scalar": np.array(7, np.int64)}
+    frames = protocol.reply("r", Status.OK, version="1", outputs=tensors)
+    assert len(frames) == 4
+    msg = protocol.parse_reply(frames)
+    np.testing.assert_array_equal(msg.tensors["strided"], base[:, ::2])
+    assert msg.tensors["empty"].shape == (0, 6)
+    assert msg.tensors["scalar"] == 7
+    assert msg.header["status"] == "ok" and "outputs" not in msg.header
+
+
+def test_received_zmq_style_memoryviews_are_not_copied():
+    x = np.arange(10, dtype=np.float32)
+    frames = [bytes(f) for f in protocol.request(Kind.INFER, "z", inputs={"x": x})]
+    msg = protocol.parse_request([memoryview(f) for f in frames])
+    assert not msg.tensors["x"].flags.owndata  # a view on the received buffer
+
+
+def test_unsupported_dtype_is_refused_when_packing():
+    with pytest.raises(ProtocolError, match="unsupported dtype"):
+        protocol.request(Kind.INFER, "x", inputs={"s": np.array(["a"])})
+
+
+def _header(**fields):
+    return msgpack.packb({"v": 1, "kind": "infer", "id": "abc", **fields})
+
+
+@pytest.mark.parametrize(
+    ("frames", "match", "has_id"),
+    [
+        ([], "empty message", False),
+        ([b"\xc1\xff garbage"], "not msgpack", False),
+        ([msgpack.packb([1, 2])], "not a map", False),
+        ([msgpack.packb({"v": 2, "kind": "ping", "id": "abc"})], "unsupported protocol version", True),
+        ([msgpack.packb({"kind": "ping", "id": "abc"})], "unsupported protocol version", True),
+        (
+            [_header(inputs=[{"name": "x", "dtype": "float32", "shape": [2]}])],
+            "describes 1 tensors, message has 0",
+            True,
+        ),
+        ([_header(inputs=[{"name": "x", "dtype": "float32", "shape": [2]}]), b"\x00" * 7], "7 bytes", True),
+        ([_header(inputs=[{"name": "x", "dtype": "object", "shape": [1]}]), b"\x00" * 8], "unsupported dtype", True),
+        ([_header(inputs=[{"name": "x", "dtype": "float32", "shape": [-1]}]), b""], "bad shape", True),
+        ([_header(inputs=[{"nom": "x"}]), b""], "bad tensor descriptor", True),
+        ([msgpack.packb({"v": 1, "kind": "dance", "id": "abc"})], "unknown kind", True),
+    ],
+)
+def test_malformed_messages_raise_protocol_error_keeping_the_id(frames, match, has_id):
+    with pytest.raises(ProtocolError, match=match) as info:
+        protocol.parse_request(frames)
+    assert protocol.protocol_error_id(info.value) == ("abc" if has_id else None)
+
+
+def test_truncated_frames_are_errors_not_crashes():
+    good = [bytes(f) for f in protocol.request(Kind.INFER, "t", inputs={"x": np.ones((4, 4), np.float32)})]
+    for cut in range(len(good[0])):
+        with pytest.raises(ProtocolError):
+            protocol.parse_request([good[0][:cut], good[1]])
