@@ -12,6 +12,7 @@ import typer
 
 from shared import logs
 from shared.settings import AppSettings, CommonSettings, WorkerSettings
+from tandem.features_cli import app as features_app
 
 app = typer.Typer(
     help="Tandem model serving: stateless app servers, batching GPU workers.",
@@ -19,6 +20,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(features_app, name="features")
 
 RegistryUri = Annotated[
     str | None,

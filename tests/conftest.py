@@ -72,3 +72,71 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     rep = yield
     setattr(item, f"rep_{rep.when}", rep)
     return rep
+
+
+# -- Redis (issue 6) ---------------------------------------------------------------------------------
+
+from collections.abc import Callable  # noqa: E402 - appended section, kept self-contained
+
+
+@dataclass
+class RedisServer:
+    """A throwaway ``redis-server`` on a fixed free port: kill it and start it again on the same port."""
+
+    port: int
+    logs: Path
+    proc: Proc | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        import shutil
+
+        import redis
+        from procs import wait_for
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            reason = "redis-server is not installed (apt-get install redis-server)"
+            if os.environ.get("CI"):
+                pytest.fail(reason)
+            pytest.skip(reason)
+        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.proc = Proc(f"redis-{self.port}", argv, self.logs / f"redis-{self.port}.log").start()
+        wait_for(lambda: redis.Redis.from_url(self.url, socket_timeout=1).ping(), 10, 0.05, f"redis on {self.port}")
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.signal(9)
+            self.proc.proc.wait(5)  # type: ignore[union-attr]
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a session-wide redis-server (no persistence); tests keep to their own entity ids."""
+    from procs import free_port
+
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis")).start()
+    yield server.url
+    server.kill()
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path) -> Iterator[Callable[[], RedisServer]]:
+    """Private redis-servers for tests that kill and restart one; all are killed at the end."""
+    started: list[RedisServer] = []
+
+    def make() -> RedisServer:
+        from procs import free_port
+
+        server = RedisServer(free_port(), tmp_path / "redis").start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.kill()
