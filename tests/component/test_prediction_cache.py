@@ -1,0 +1,126 @@
+"""The prediction cache against a real redis-server, alone and wired into Predictor (fake worker pool)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+
+from app_server.feature_store import make_client
+from app_server.predict import Predictor
+from app_server.prediction_cache import PredictionCache
+from shared.errors import NoWorkers
+from shared.features import CategoricalFeature, FeatureSpec, NumericFeature
+from shared.settings import AppSettings
+
+SPEC = FeatureSpec(
+    features=[NumericFeature(name="x"), CategoricalFeature(name="c", vocabulary=["a", "b"], default="a")]
+)
+
+
+def cache_for(url: str, ttl_s: float = 60.0) -> PredictionCache:
+    return PredictionCache(make_client(url, 0.2), ttl_s, 0.2)
+
+
+def test_off_unless_redis_and_a_ttl_are_set():
+    assert PredictionCache.from_settings(AppSettings()) is None
+    assert PredictionCache.from_settings(AppSettings(redis_url="redis://h:1/0")) is None
+    assert PredictionCache.from_settings(AppSettings(redis_url="redis://h:1/0", prediction_cache_ttl_s=5)) is not None
+
+
+def test_keys_depend_on_model_version_and_row_bytes():
+    x = np.array([[1.0, 2.0], [1.0, 2.0], [1.0, 2.5]], dtype=np.float32)
+    k1 = PredictionCache.keys("demo", "1", x)
+    assert k1[0] == k1[1] != k1[2]
+    assert PredictionCache.keys("demo", "2", x)[0] != k1[0]
+    assert PredictionCache.keys("other", "1", x)[0] != k1[0]
+    assert PredictionCache.keys("demo", "1", x.astype(np.float64))[0] != k1[0]
+    assert k1[0].startswith("tandem:pred:demo:1:")
+
+
+@pytest.mark.asyncio
+async def test_round_trip_ttl_and_a_dead_redis_is_a_miss(redis_server):
+    cache = cache_for(redis_server, ttl_s=0.3)
+    keys = [f"tandem:pred:t:{uuid.uuid4().hex}" for _ in range(3)]
+    assert await cache.get(keys) == [None, None, None]
+    await cache.put(keys[:2], [0.25, [1, 2]])
+    assert await cache.get(keys) == [0.25, [1, 2], None]
+    await asyncio.sleep(0.4)
+    assert await cache.get(keys) == [None, None, None]
+    await cache.close()
+    dead = cache_for("redis://127.0.0.1:1/0")
+    await dead.put(keys, [1, 2, 3])  # no exception: the cache is never a reason to fail
+    assert await dead.get(keys) == [None, None, None]
+    await dead.close()
+
+
+@dataclass
+class Reply:
+    header: dict[str, Any]
+    tensors: dict[str, np.ndarray]
+
+
+@dataclass
+class Conn:
+    endpoint: str = "fake"
+    live_versions: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass
+class FakePool:
+    """Just enough of WorkerPool: one worker whose 'model' sums each row, tagged by version."""
+
+    conn: Conn = field(default_factory=Conn)
+    calls: list[tuple[str, int]] = field(default_factory=list)
+
+    def candidates(self, model: str) -> list[Conn]:
+        return [self.conn]
+
+    def pick(self, model: str, exclude: Any = frozenset()) -> Conn:
+        if self.conn.endpoint in exclude:
+            raise NoWorkers("none")
+        return self.conn
+
+    async def describe(self, conn: Conn, model: str, version: str) -> dict[str, Any]:
+        return {"feature_spec": SPEC.model_dump()}
+
+    async def infer(self, conn, model, version, inputs, budget_s, request_id) -> Reply:
+        x = inputs["input"]
+        self.calls.append((version, x.shape[0]))
+        out = x.sum(axis=1, keepdims=True) + 1000 * int(version)
+        return Reply({"status": "ok", "version": version}, {"probability": out})
+
+
+async def predict(predictor: Predictor, instances: list[dict]) -> dict:
+    return await predictor.predict(instances, "rid", time.monotonic() + 5)
+
+
+@pytest.mark.asyncio
+async def test_predictor_answers_repeats_from_cache_and_never_across_versions(redis_server):
+    model = f"m{uuid.uuid4().hex[:8]}"  # keys of other tests' runs can never match
+    pool = FakePool(Conn(live_versions={model: "1"}))
+    settings = AppSettings(redis_url=redis_server, prediction_cache_ttl_s=60, model=model)
+    predictor = Predictor(settings, pool, cache=PredictionCache.from_settings(settings))  # type: ignore[arg-type]
+    rows = [{"x": 1.0}, {"x": 2.0, "c": "b"}]
+    first = await predict(predictor, rows)
+    assert pool.calls == [("1", 2)]
+    second = await predict(predictor, rows)
+    assert pool.calls == [("1", 2)], "a repeat must not reach the worker"
+    assert second["predictions"] == first["predictions"] and second["model_version"] == "1"
+
+    partial = await predict(predictor, [{"x": 3.0}, {"x": 1.0}, {"x": 3.0}])
+    assert pool.calls[-1] == ("1", 2), "only the rows the cache lacks are sent"
+    assert partial["predictions"][1] == first["predictions"][0]
+    assert partial["predictions"][0] == partial["predictions"][2]
+
+    pool.conn.live_versions[model] = "2"  # the worker swapped to a new version
+    after = await predict(predictor, rows)
+    assert pool.calls[-1] == ("2", 2), "a new version recomputes everything"
+    assert after["model_version"] == "2"
+    assert all(a >= 1000 * 2 for a in after["predictions"])
+    await predictor.cache.close()  # type: ignore[union-attr]
