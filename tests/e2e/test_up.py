@@ -1,0 +1,70 @@
+"""`tandem up` as a user runs it: ready line, a curl that works, everything gone after SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+from procs import free_port
+
+
+def _children_of(home: str, port: int) -> list[str]:
+    """Worker processes (their cache is under home) and the app server (its port) still running."""
+    out = subprocess.run(
+        ["pgrep", "-af", f"--cache-dir {home}/cache|app --host 127.0.0.1 --port {port} "],
+        capture_output=True,
+        text=True,
+    ).stdout
+    return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+def test_up_is_ready_prints_a_working_curl_and_stops_cleanly(tmp_path):
+    home = str(tmp_path / "home")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tandem", "up", "--home", home, "--port", str(port), "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "TANDEM_LOG_FORMAT": "text"},
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 120:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "curl -s" in line:
+                break
+        output = "".join(lines)
+        assert "Tandem is ready in" in output, output[-3000:]
+        curl = next(line for line in lines if "curl -s" in line)
+        argv = shlex.split(curl.strip())
+        url, payload = argv[2], argv[argv.index("-d") + 1]
+        assert url == f"http://127.0.0.1:{port}/predict"
+        r = httpx.post(url, content=payload, headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model_version"] == "1" and len(body["predictions"]) == len(json.loads(payload)["instances"])
+        assert 0.0 <= body["predictions"][0] <= 1.0
+        assert len(httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["models"][0]["workers"]) == 2
+        assert len(_children_of(home, port)) == 3
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM) if proc.poll() is None else None
+        code = proc.wait(30)
+    assert code == 0
+    deadline = time.monotonic() + 10
+    while _children_of(home, port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _children_of(home, port) == []
+    assert re.search(r"stopped", "".join(lines) + (proc.stdout.read() or ""))
