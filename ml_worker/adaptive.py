@@ -32,6 +32,7 @@ batch is predicted to end): a late answer is useless to a caller that has alread
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import math
@@ -90,6 +91,7 @@ class AdaptiveBatcher:
             line = (prior.a, prior.c) if prior else (1e-3, 0.0)
             model = CostModel(window=self._cost_window, prior=line, prior_sizes=(1, self.max_batch_size))
             self._costs[version] = model
+            self._last_version = self._last_version or version
             self._forget_old_versions()
         return model
 
@@ -149,15 +151,26 @@ class AdaptiveBatcher:
         return busy + (self._drain_s(self._rows, cost) if cost else 0.0)
 
     def _finish_estimate(self, item: Pending, now: float) -> float:
-        """Predicted end of ``item``'s batch if it were queued now (FIFO, batches of mean cost ahead)."""
+        """Predicted end of ``item``'s batch if it were queued now, pessimistically.
+
+        FIFO: the queue ahead drains in full batches at mean cost, plus three deviations of their
+        summed noise; then its own batch, which by then holds the rows arriving meanwhile too (at
+        high load it is full, not the partial batch the queue shows now), at the pessimistic cost.
+        """
         cost = self.cost(item.version)
         start = self._free_at(now)
-        if item.rows >= self.max_batch_size:  # runs alone, after everything queued
-            return start + self._drain_s(self._rows, cost) + cost.upper(item.rows) + self.margin_s
-        total = self._rows + item.rows  # it joins the last, possibly partial, batch
-        full = (total - 1) // self.max_batch_size
-        last = total - full * self.max_batch_size
-        return start + full * cost.predict(self.max_batch_size) + cost.upper(last) + self.margin_s
+        b = self.max_batch_size
+        if item.rows >= b:  # runs alone, after everything queued
+            ahead = self._rows
+            own = item.rows
+        else:
+            total = self._rows + item.rows
+            ahead = (total - 1) // b * b
+            own = total - ahead
+        wait = self._drain_s(ahead, cost) + 3.0 * cost.sigma * math.sqrt(-(-ahead // b))
+        if item.rows < b:
+            own = min(b, own + math.ceil(self._rate.rate(now) * wait))
+        return start + wait + cost.upper(own) + self.margin_s
 
     def _drain_s(self, rows: int, cost: CostModel) -> float:
         full, rest = divmod(rows, self.max_batch_size)
@@ -181,10 +194,11 @@ class AdaptiveBatcher:
             result.wait_s = max(self._next_doom() - now, 0.0)
             return result
         version = min((self._head(q) for q in self._queues.values()), key=lambda p: p.arrival).version
-        batch, rows, tight, left_behind = self._form(version, now)
         cost = self.cost(version)
-        latest_start = tight - cost.upper(rows) - self.margin_s
-        window_close = batch[0].arrival + self.max_latency_s
+        cands, left_behind = self._candidates(version)
+        rows = sum(p.rows for p in cands)
+        latest_start = min(p.deadline for p in cands) - cost.upper(rows) - self.margin_s
+        window_close = cands[0].arrival + self.max_latency_s
         go = (
             rows >= self.max_batch_size
             or left_behind
@@ -193,45 +207,59 @@ class AdaptiveBatcher:
             or rows >= self._target_rows(cost, now)
             or self._vrows[version] < self._rows
         )
-        if go:
-            for p in batch:
-                self._remove(p)
-            heapq.heappush(self._ends, now + cost.predict(rows))
-            result.batch = batch
-        else:
-            self._queues[version].extendleft(reversed(batch))
+        if not go:
+            self._queues[version].extendleft(reversed(cands))
             result.wait_s = max(min(window_close, latest_start, self._next_doom()) - now, 0.0)
+            return result
+        k, cutoff = self._best_prefix(cands, cost, now)
+        self._queues[version].extendleft(reversed(cands[k:]))
+        for p in cands[:k]:
+            self._remove(p)
+            (result.batch if p.deadline >= cutoff else result.expired).append(p)
+        heapq.heappush(self._ends, now + cost.predict(sum(p.rows for p in result.batch)))
         return result
 
-    def _form(self, version: str, now: float) -> tuple[list[Pending], int, float, bool]:
-        """Pop the forming batch off the front of ``version``'s queue (in order, skipping requests
-        too large to join); returns it, its rows, its tightest deadline, and whether a request was
-        left behind (too large, or it would make the batch too slow for someone's deadline)."""
+    def _candidates(self, version: str) -> tuple[list[Pending], bool]:
+        """Pop up to ``max_batch_size`` rows off the front of ``version``'s queue, in order, stepping
+        over requests too large to join; also says whether any request of the version stays behind."""
         q = self._queues[version]
-        cost = self.cost(version)
-        batch: list[Pending] = []
+        cands: list[Pending] = []
         skipped: list[Pending] = []
-        rows, tight, left_behind = 0, math.inf, False
-        while q and rows < self.max_batch_size:
+        rows = 0
+        while q and rows < self.max_batch_size and len(skipped) < MAX_SKIPS:
             p = q.popleft()
             if id(p) not in self._live:
                 continue
-            if batch and rows + p.rows > self.max_batch_size:
+            if cands and rows + p.rows > self.max_batch_size:
                 skipped.append(p)
-                left_behind = True
-                if len(skipped) >= MAX_SKIPS:
-                    break
                 continue
-            d = min(tight, p.deadline)
-            if batch and now + cost.upper(rows + p.rows) + self.margin_s > d:
-                q.appendleft(p)
-                left_behind = True
-                break
-            batch.append(p)
+            cands.append(p)
             rows += p.rows
-            tight = d
         q.extendleft(reversed(skipped))
-        return batch, rows, tight, left_behind
+        return cands, self._vrows[version] > rows
+
+    def _best_prefix(self, cands: list[Pending], cost: CostModel, now: float) -> tuple[int, float]:
+        """How many candidates to take now, and the deadline below which a taken one is dropped.
+
+        Picks the prefix that finishes the most requests in time (``deadline >= now + upper + margin``;
+        ties go to the shorter one). Normally that is all of them. When the head of the queue has
+        slipped so close to its deadline that only a tiny batch could still serve it, running that
+        tiny batch would delay everyone behind it and make the next head slip too (a spiral into
+        one-row batches at exactly the load where full ones matter most); so such a request is
+        answered ``deadline_exceeded`` instead, once it would miss even the pessimistic estimate
+        without the margin.
+        """
+        deadlines: list[float] = []
+        best, best_k, rows, best_rows = -1, 1, 0, cands[0].rows
+        for k, p in enumerate(cands, 1):
+            rows += p.rows
+            bisect.insort(deadlines, p.deadline)
+            on_time = len(deadlines) - bisect.bisect_left(deadlines, now + cost.upper(rows) + self.margin_s)
+            if on_time > best:
+                best, best_k, best_rows = on_time, k, rows
+        if best == 0:  # nobody makes it with the margin: run the head alone, best effort
+            return 1, -math.inf
+        return best_k, now + cost.upper(best_rows)
 
     def _head(self, q: deque[Pending]) -> Pending:
         """The first live request of a version's queue (a queue in the dict always has one)."""
@@ -260,7 +288,7 @@ class AdaptiveBatcher:
             if id(p) not in self._live:
                 heapq.heappop(heap)
                 continue
-            if deadline > now and start + self.cost(p.version).predict(p.rows) <= deadline:
+            if deadline > now and start + self.cost(p.version).upper(p.rows) <= deadline:
                 return
             heapq.heappop(heap)
             self._remove(p)
@@ -274,7 +302,7 @@ class AdaptiveBatcher:
         if not heap:
             return math.inf
         deadline, _, p = heap[0]
-        return deadline - self.cost(p.version).predict(p.rows)
+        return deadline - self.cost(p.version).upper(p.rows)
 
     def cancel(self, msg_id: str) -> bool:
         for q in self._queues.values():

@@ -10,9 +10,9 @@ row) by weighted least squares over a window of recent batches. Why this shape a
   exist yet, at any size), it is right for dense networks on CPU and GPU alike over the sizes a
   worker forms, and two parameters converge from a few dozen batches.
 - Warm-up timings (and, for a brand-new version, the line of the version before it) enter the fit as
-  low-weight pseudo-observations. They carry the slope while live traffic is all one batch size (at
-  low load every batch has one row, which says nothing about ``c``) and fade once real batches of
-  several sizes arrive.
+  low-weight pseudo-observations whose weight shrinks as live batches accumulate. They carry the
+  slope while live traffic is all one batch size (at low load every batch has one row, which says
+  nothing about ``c``) and fade once real batches of several sizes arrive.
 - Noise and outliers (a GC pause, a page fault, a neighbour stealing the core) are handled by
   trimming observations more than ``TRIM`` robust deviations from the first fit and refitting, so
   one slow batch does not make the batcher shed load for the next hundred.
@@ -100,7 +100,8 @@ class CostModel:
         b = np.array([p[0] for p in pts], dtype=np.float64)
         t = np.array([p[1] for p in pts], dtype=np.float64)
         w = np.ones(len(pts))
-        w[n:] = self.seed_weight
+        # The prior fades as live batches accumulate; an invented one (no warm-up) counts for little.
+        w[n:] = (self.seed_weight if self.seeded else 0.1 * self.seed_weight) * 16 / (16 + n)
         keep = np.ones(len(pts), dtype=bool)
         a, c = _wls(b, t, w, self.c)
         if n >= 8:  # enough live points to tell an outlier from the rest
