@@ -18,7 +18,7 @@ from procs import free_port
 def _children_of(home: str, port: int) -> list[str]:
     """Worker processes (their cache is under home) and the app server (its port) still running."""
     out = subprocess.run(
-        ["pgrep", "-af", f"--cache-dir {home}/cache|app --host 127.0.0.1 --port {port} "],
+        ["pgrep", "-af", "--", f"--cache-dir {home}/cache|app --host 127.0.0.1 --port {port} "],
         capture_output=True,
         text=True,
     ).stdout
