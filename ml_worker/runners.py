@@ -6,8 +6,9 @@ Runners are called from the worker's executor thread only, one batch at a time p
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -26,26 +27,61 @@ class Runner(Protocol):
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
-class OnnxRunner:
-    """ONNX Runtime session.
+MAX_CACHED_SHAPES = 256
+"""Device buffer sets kept for distinct batch sizes (one per size up to ``max_batch_size``)."""
 
-    Session options: full graph optimisation (constant folding, fusions) once at load; sequential
-    execution with one inter-op thread, since an MLP is a chain and extra inter-op threads only contend;
-    intra-op threads left to the runtime (one per core) unless set, because batches are where the
-    parallelism is.
+
+def default_intra_op_threads(device: str) -> int:
+    """Intra-op threads when the setting is 0: all usable cores but one on CPU, one on CUDA.
+
+    The worker's event loop (ZeroMQ, msgpack, concatenating and splitting batches, replies) runs on
+    the same cores as the model. Giving the model every core makes the loop wait for a time slice
+    while a batch runs, which delays admissions and the next batch's dispatch: on this 2-core box one
+    intra-op thread leaves a core for the loop (and for a co-located app server). On CUDA the CPU
+    threads only launch kernels and run the odd host-side op, so one is enough.
+    """
+    if device == "cuda":
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))  # respects taskset / cgroup cpusets
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+class OnnxRunner:
+    """ONNX Runtime session, with its options chosen for a batching server.
+
+    - Graph optimisation ``ORT_ENABLE_ALL`` (constant folding, GEMM/activation fusions, layout
+      transforms), paid once at load.
+    - Sequential execution with one inter-op thread: a served network is mostly a chain of GEMMs,
+      and inter-op threads would only contend with intra-op ones.
+    - Intra-op threads: see :func:`default_intra_op_threads` (an explicit setting wins).
+    - No spinning: idle intra-op threads normally busy-wait for the next op, which on a small box
+      burns the very core the event loop needs between batches. Between two batches there is an
+      idle gap anyway (replies, the next dispatch), so spinning buys nothing here.
+    - CPU: ``session.run`` wraps the contiguous float32 input without a copy, and the CPU arena
+      allocator recycles output buffers. Outputs are not written into a reused buffer because the
+      server sends slices of them to callers zero-copy; a reused buffer would be overwritten by the
+      next batch while ZeroMQ may still be sending the previous one.
+    - CUDA: I/O binding with one device input and output buffer per batch size, allocated once and
+      reused (the input is copied into it in place), so a batch allocates no device memory; the
+      outputs are then copied to fresh host arrays, for the same reason as on CPU.
     """
 
     def __init__(self, path: Path, *, device: str = "auto", intra_op_threads: int = 0) -> None:
         import onnxruntime as ort
 
+        providers = ["CPUExecutionProvider"]
+        if device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.inter_op_num_threads = 1
-        options.intra_op_num_threads = intra_op_threads
-        providers = ["CPUExecutionProvider"]
-        if device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        wants_cuda = providers[0] == "CUDAExecutionProvider"
+        options.intra_op_num_threads = intra_op_threads or default_intra_op_threads("cuda" if wants_cuda else "cpu")
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:
@@ -59,10 +95,43 @@ class OnnxRunner:
         width = inp.shape[-1] if len(inp.shape) == 2 else None
         self.input_width = width if isinstance(width, int) else None
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.intra_op_threads = options.intra_op_num_threads
+        self._ort = ort
+        self._binding = self.session.io_binding() if self.device == "cuda" else None
+        # Per-output trailing shape, when static: lets CUDA outputs go into preallocated buffers.
+        tails = [o.shape[1:] for o in self.session.get_outputs()]
+        self._out_tails = [tuple(t) if all(isinstance(d, int) for d in t) else None for t in tails]
+        self._device_buffers: dict[int, tuple[Any, list[Any]]] = {}
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        if self._binding is not None:
+            return self._run_cuda(np.ascontiguousarray(x))
         outputs = self.session.run(self.output_names, {self.input_name: x})
         return dict(zip(self.output_names, outputs, strict=True))
+
+    def _run_cuda(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        rows = x.shape[0]
+        buffers = self._device_buffers.get(rows)
+        if buffers is None or buffers[0].shape() != list(x.shape):
+            if len(self._device_buffers) >= MAX_CACHED_SHAPES:  # odd sizes of oversized requests
+                self._device_buffers.clear()
+            make = self._ort.OrtValue.ortvalue_from_shape_and_type
+            outs = [make((rows, *t), np.float32, "cuda", 0) if t is not None else None for t in self._out_tails]
+            buffers = (make(x.shape, x.dtype, "cuda", 0), outs)
+            self._device_buffers[rows] = buffers
+        x_dev, outs = buffers
+        x_dev.update_inplace(x)  # host -> existing device buffer, no allocation
+        binding = self._binding
+        binding.bind_ortvalue_input(self.input_name, x_dev)
+        for name, out in zip(self.output_names, outs, strict=True):
+            if out is None:  # dynamic trailing shape: let the runtime allocate it on the device
+                binding.bind_output(name, "cuda", 0)
+            else:
+                binding.bind_ortvalue_output(name, out)
+        self.session.run_with_iobinding(binding)
+        results = binding.copy_outputs_to_cpu()
+        binding.clear_binding_outputs()
+        return dict(zip(self.output_names, results, strict=True))
 
 
 class TorchScriptRunner:
