@@ -20,14 +20,25 @@ as soon as any of these holds:
 When none holds, :attr:`Poll.wait_s` is the time until the window closes or the deadline rule fires,
 whichever is first, so the server wakes exactly then (arrivals and finished batches wake it anyway).
 
+When a batch goes, it takes the prefix of the candidates that finishes the most of them in time
+(normally all; see :meth:`AdaptiveBatcher._best_prefix` for why a slipped head is dropped rather
+than run in a one-row batch).
+
 Admission (:meth:`AdaptiveBatcher.offer`) estimates when the request would finish: the running batch's
-predicted end, the queue ahead drained in full batches of mean cost, then its own batch at the
-pessimistic cost plus ``margin_s``. If that is past its deadline it is refused now (``overloaded``),
-rather than queued to die; so is anything beyond ``max_queue`` rows.
+predicted end, the queue ahead drained in full batches at mean cost (plus three deviations of their
+summed noise), then its own batch, grown by the rows expected to arrive meanwhile, at the pessimistic
+cost plus ``margin_s``. If that is past its deadline it is refused now (``overloaded``) rather than
+queued to die; so is anything beyond ``max_queue`` rows. Past capacity this keeps the queue at about
+one budget of work, so the load is shed at the door and the admitted requests still finish in time.
 
 Expiry: a queued request is answered ``deadline_exceeded`` and never run once its deadline has passed
 or it can no longer make it even if dispatched at the earliest moment (now, or when the running
-batch is predicted to end): a late answer is useless to a caller that has already given up.
+batch is predicted to end) at the pessimistic cost: a late answer is useless to a caller that has
+already given up, and running it takes the executor from requests that can still make it. The test
+leaves out ``margin_s``, so the margin is slack between "must go now" and "give up".
+
+Costs are per model version (the device is fixed per worker). With more than one batch in flight
+the executor is still treated as one queue: parallel batches on one device slow each other down.
 """
 
 from __future__ import annotations

@@ -185,6 +185,10 @@ class WorkerServer:
         if model is None:
             await self._send(ident, self._version_unavailable(msg.id, header.get("version")))
             return
+        # Issue 3: seed the adaptive batcher's cost model from the version's warm-up timings (a no-op
+        # once seeded, and for batchers without a cost model).
+        if seed := getattr(self.batcher, "seed", None):
+            seed(model.version, model.warm_timings)
         x = msg.tensors.get(model.spec.input_name)
         if x is None or x.ndim != 2 or x.shape[1] != model.spec.width or x.dtype != np.float32:
             metrics.REQUESTS.labels("bad_request").inc()
