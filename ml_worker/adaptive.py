@@ -103,7 +103,7 @@ class AdaptiveBatcher:
             model = CostModel(window=self._cost_window, prior=line, prior_sizes=(1, self.max_batch_size))
             self._costs[version] = model
             self._last_version = self._last_version or version
-            self._forget_old_versions()
+            self._forget_old_versions(keep=version)
         return model
 
     def seed(self, version: str, timings: Mapping[int, float]) -> None:
@@ -123,11 +123,12 @@ class AdaptiveBatcher:
         """Rows per second offered recently (admitted or not)."""
         return self._rate.rate(now)
 
-    def _forget_old_versions(self) -> None:
+    def _forget_old_versions(self, keep: str) -> None:
+        """Bound memory across many swaps: drop the oldest models of versions with nothing queued."""
         for v in list(self._costs):
             if len(self._costs) <= self.max_versions:
                 break
-            if v != self._last_version and not self._vrows.get(v):
+            if v not in (keep, self._last_version) and not self._vrows.get(v):
                 del self._costs[v]
 
     # -- admission -----------------------------------------------------------------------------------

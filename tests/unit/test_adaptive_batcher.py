@@ -317,3 +317,35 @@ def test_two_batches_in_flight() -> None:
     res = simulate(seeded(), poisson(0.6 * CAPACITY, 0.3, seed=6), seed=6, in_flight=2)
     assert_deadlines_met(res)
     assert res.count("ok") == len(res.out)
+
+
+def test_slipped_head_is_dropped_rather_than_run_in_a_one_row_batch() -> None:
+    b = seeded()
+    # The head has 4 ms left: enough to run alone (2.1 ms) but not with 63 others (8.4 ms).
+    b.offer(req("head", 0.0, budget_s=0.5), 0.0)
+    for i in range(63):
+        b.offer(req(i, 0.0, budget_s=1.0), 0.0)
+    poll = b.poll(0.496, True)
+    assert [p.msg_id for p in poll.expired] == ["head"]
+    assert len(poll.batch) == 63
+
+
+def test_seed_is_idempotent_and_new_versions_inherit_the_last_line() -> None:
+    b = seeded()
+    b.seed("1", {1: 1.0, 64: 2.0})  # already seeded: ignored
+    assert b.cost("1").predict(64) == pytest.approx(A + 64 * C, rel=0.05)
+    for _ in range(20):
+        b.observe("1", 32, 2 * (A + 32 * C))
+    inherited = b.cost("2")  # no warm-up seen for v2 yet: start from v1's current line
+    assert inherited.predict(32) == pytest.approx(b.cost("1").predict(32), rel=0.01)
+    b.seed("2", {s: A + C * s for s in (1, 8, 64)})  # the inherited prior gives way to warm-up
+    assert b.cost("2").predict(32) == pytest.approx(A + 32 * C, rel=0.05)
+
+
+def test_cost_models_of_retired_versions_are_forgotten() -> None:
+    b = seeded(max_versions=2)
+    for v in "2345":
+        b.offer(req(v, 0.0, version=v), 0.0)
+        b.poll(0.0, True)
+        b.observe(v, 1, A + C)
+    assert len(b._costs) <= 2
