@@ -43,6 +43,7 @@ ENV PATH=/opt/tandem/bin:$PATH \
 WORKDIR /tmp
 # Numeric user, so Kubernetes can verify runAsNonRoot.
 USER 10001:10001
-EXPOSE 8000
+# 8000: app HTTP (TANDEM_PORT); 5555, 9100: ZeroMQ and metrics when it runs a CPU worker.
+EXPOSE 8000 5555 9100
 ENTRYPOINT ["tandem"]
 CMD ["app"]
