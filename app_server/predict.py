@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+import orjson
 from pydantic import TypeAdapter, ValidationError
 
 from app_server import metrics
@@ -52,12 +53,16 @@ _MESSAGES = {
 
 
 def format_loc(loc: tuple[Any, ...]) -> str:
+    """``instances[3].amount``; a key that is not a plain name is quoted (``instances[0]["a.b"]``) so
+    the path stays unambiguous whatever keys a caller sends."""
     path = ""
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
         elif part in ("str", "int", "float", "bool") and path:
             continue  # pydantic names the union member it tried; callers do not care
+        elif path and not str(part).isidentifier():
+            path += f"[{orjson.dumps(str(part)).decode()}]"
         else:
             path += f".{part}" if path else str(part)
     return path
