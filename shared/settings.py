@@ -70,7 +70,7 @@ class WorkerSettings(CommonSettings):
     max_queue: int = Field(1024, ge=1)
     """Admission bound: rows queued beyond this are answered ``overloaded``."""
 
-    batcher: Literal["adaptive", "simple"] = "simple"
+    batcher: Literal["adaptive", "simple"] = "adaptive"
     """Batching policy; ``simple`` takes whatever is queued, up to ``max_batch_size``."""
 
     batches_in_flight: int = Field(1, ge=1)
