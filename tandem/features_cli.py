@@ -27,12 +27,19 @@ RedisUrl = Annotated[
 
 
 def _client(url: str | None) -> Any:
+    """A connected client, or a one-line error (not a traceback) when Redis cannot be reached."""
     import redis
 
     from shared.settings import AppSettings
 
     resolved = url or AppSettings().redis_url or "redis://127.0.0.1:6379/0"
-    return redis.Redis.from_url(resolved, decode_responses=True, socket_timeout=30)
+    client = redis.Redis.from_url(resolved, decode_responses=True, socket_timeout=30, socket_connect_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        typer.echo(f"cannot reach Redis at {resolved}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return client
 
 
 def _csv_rows(path: Path, batch_size: int) -> Iterator[list[dict[str, Any]]]:
