@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from app_server import metrics
 from shared import protocol
@@ -52,7 +53,8 @@ class WorkerConn:
     est_wait_ms: float = 0.0
     device: str | None = None
     draining: bool = False
-    task: asyncio.Task[None] | None = None
+    monitor: zmq.asyncio.Socket | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
     def outstanding(self) -> int:
@@ -127,7 +129,9 @@ class WorkerPool:
             if ep not in self.conns:
                 sock = make_socket(self._ctx, zmq.DEALER, connect=ep)
                 conn = WorkerConn(ep, sock)
-                conn.task = asyncio.create_task(self._receive_loop(conn))
+                conn.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+                conn.tasks = [asyncio.create_task(self._receive_loop(conn)),
+                              asyncio.create_task(self._monitor_loop(conn, conn.monitor))]
                 self.conns[ep] = conn
                 logger.info("worker %s added", ep)
         for ep in set(self.conns) - set(endpoints):
@@ -136,8 +140,13 @@ class WorkerPool:
 
     def _remove(self, conn: WorkerConn) -> None:
         self._fail_pending(conn, "worker removed from the pool")
-        if conn.task:
-            conn.task.cancel()
+        for task in conn.tasks:
+            task.cancel()
+        # Closed here, not in the tasks' cleanup: Context.term() blocks until every socket is closed,
+        # and it runs before cancelled tasks get to clean up.
+        conn.sock.disable_monitor()
+        if conn.monitor is not None:
+            conn.monitor.close(linger=0)
         conn.sock.close(linger=0)
         self.conns.pop(conn.endpoint, None)
 
@@ -185,6 +194,17 @@ class WorkerPool:
                 fut.set_result(msg)
             # else: a late answer to a call that already timed out or failed over; dropped.
 
+    async def _monitor_loop(self, conn: WorkerConn, monitor: zmq.asyncio.Socket) -> None:
+        """A dropped TCP connection (a killed worker) takes the worker out at once, not after three
+        missed heartbeats, and its calls fail over while their budget still allows a retry."""
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                if conn.alive:
+                    logger.warning("worker %s disconnected; out of the pool", conn.endpoint)
+                conn.alive = False
+                self._fail_pending(conn, "connection to the worker dropped")
+
     def _fail_pending(self, conn: WorkerConn, reason: str) -> None:
         pending, conn.pending = conn.pending, {}
         for fut in pending.values():
@@ -219,6 +239,10 @@ class WorkerPool:
             raise WorkerLost(f"{conn.endpoint}: not connected") from None
         try:
             return await asyncio.wait_for(fut, timeout=timeout_s)
+        except (TimeoutError, asyncio.CancelledError):
+            # Nobody waits for this answer any more: let the worker drop it before it is batched.
+            self.cancel(conn, msg_id)
+            raise
         finally:
             conn.pending.pop(msg_id, None)
 
@@ -238,9 +262,6 @@ class WorkerPool:
         t0 = time.monotonic()
         try:
             return await self.call(conn, frames, msg_id, budget_s)
-        except TimeoutError:
-            self.cancel(conn, msg_id)
-            raise
         finally:
             metrics.WORKER_RTT.observe(time.monotonic() - t0)
 

@@ -276,7 +276,8 @@ class WorkerServer:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         try:
-            outputs = await loop.run_in_executor(self.executor, model.runner.run, x)
+            run = model.runner.run if not self.settings.debug_delay_ms else self._delayed(model.runner.run)
+            outputs = await loop.run_in_executor(self.executor, run, x)
             bad = [n for n, o in outputs.items() if o.shape[0] != rows]
             if bad:
                 raise ValueError(f"outputs {bad} do not have one row per input row ({rows})")
@@ -309,6 +310,15 @@ class WorkerServer:
             await self._send(
                 p.reply_to, protocol.reply(p.msg_id, Status.OK, version=model.version, outputs=out, timing=timing)
             )
+
+    def _delayed(self, run: Any) -> Any:
+        delay_s = self.settings.debug_delay_ms / 1000
+
+        def slow_run(x: np.ndarray) -> dict[str, np.ndarray]:
+            time.sleep(delay_s)
+            return run(x)
+
+        return slow_run
 
     async def _retire_loop(self) -> None:
         while True:

@@ -92,6 +92,9 @@ class WorkerSettings(CommonSettings):
     cache_dir: Path | None = None
     """Where downloaded versions are kept (default: ``<home>/cache`` or a temp folder)."""
 
+    debug_delay_ms: float = Field(0.0, ge=0)
+    """Testing only: sleep this long before every batch, to make a deliberately slow worker."""
+
     intra_op_threads: int = Field(0, ge=0)
     """ONNX Runtime intra-op threads; 0 lets the runtime pick (one per core)."""
 
@@ -134,7 +137,7 @@ class AppSettings(CommonSettings):
     max_in_flight: int = Field(2048, ge=1)
     """Requests this app server holds at once; beyond it answers 503 ``overloaded``."""
 
-    heartbeat_interval: float = Field(0.5, gt=0)
+    heartbeat_interval: float = Field(0.25, gt=0)
     """Seconds between pings to each worker; a worker silent for 3 intervals leaves the pool."""
 
     dns_refresh_s: float = Field(5.0, gt=0)

@@ -60,6 +60,8 @@ def worker(
     metrics_port: Annotated[int | None, typer.Option(help="HTTP /metrics and probes; 0 = off.")] = None,
     cache_dir: Annotated[Path | None, typer.Option()] = None,
     intra_op_threads: Annotated[int | None, typer.Option()] = None,
+    drain_grace_s: Annotated[float | None, typer.Option(help="On SIGTERM, refuse new work this long.")] = None,
+    debug_delay_ms: Annotated[float | None, typer.Option(hidden=True, help="Testing: slow every batch.")] = None,
     registry_uri: RegistryUri = None,
     home: Home = None,
     log_level: LogLevel = None,
