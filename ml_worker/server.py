@@ -33,6 +33,9 @@ from shared.transport import make_socket
 
 logger = logging.getLogger(__name__)
 
+REFUSED = "cannot finish within the request's budget: queue too long"
+EXPIRED = "deadline passed, or could no longer be met, while queued"
+
 
 def make_batcher(settings: WorkerSettings) -> Batcher:
     if settings.batcher == "adaptive":
@@ -95,13 +98,14 @@ class WorkerServer:
         self._ctx.term()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    async def drain(self, timeout_s: float = 30.0) -> None:
+    async def drain(self, timeout_s: float | None = None) -> None:
         """Stop admitting work, answer everything held, then stop serving.
 
         New requests are refused (``overloaded``, so the app retries elsewhere) for at least
         ``drain_grace_s``: long enough for app servers to see ``draining`` in a heartbeat and stop
         routing here before the socket closes.
         """
+        timeout_s = self.settings.drain_timeout_s if timeout_s is None else timeout_s
         self._draining = True
         logger.info("draining: %d rows queued, %d batches running", self.batcher.depth, self._in_flight)
         start = time.monotonic()
@@ -221,9 +225,7 @@ class WorkerServer:
         )
         if not self.batcher.offer(item, now):
             metrics.REQUESTS.labels("overloaded").inc()
-            await self._send(
-                ident, protocol.reply(msg.id, Status.OVERLOADED, version=model.version, message="worker queue is full")
-            )
+            await self._send(ident, protocol.reply(msg.id, Status.OVERLOADED, version=model.version, message=REFUSED))
             return
         metrics.QUEUE_DEPTH.set(self.batcher.depth)
         self._wake.set()
@@ -239,9 +241,7 @@ class WorkerServer:
                 metrics.REQUESTS.labels("expired").inc()
                 await self._send(
                     p.reply_to,
-                    protocol.reply(
-                        p.msg_id, Status.DEADLINE_EXCEEDED, version=p.version, message="deadline passed while queued"
-                    ),
+                    protocol.reply(p.msg_id, Status.DEADLINE_EXCEEDED, version=p.version, message=EXPIRED),
                 )
             if poll.batch:
                 self._in_flight += 1

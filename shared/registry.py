@@ -127,8 +127,19 @@ def resolve(uri: str, name: str, *, alias: str | None = None, tag: str | None = 
 
 
 def list_versions(uri: str, name: str) -> list[VersionRef]:
-    versions = client(uri).search_model_versions(f"name='{name}'")
-    return sorted((_ref(v) for v in versions), key=lambda v: int(v.version))
+    """Every version with its aliases (an MLflow server leaves aliases out of version searches, so they
+    are taken from the registered model)."""
+    c = client(uri)
+    versions = sorted((_ref(v) for v in c.search_model_versions(f"name='{name}'")), key=lambda v: int(v.version))
+    if not versions:
+        return versions
+    by_version: dict[str, list[str]] = {}
+    for alias, version in (getattr(c.get_registered_model(name), "aliases", None) or {}).items():
+        by_version.setdefault(str(version), []).append(alias)
+    return [
+        VersionRef(v.name, v.version, v.source, v.run_id, v.tags, sorted(by_version.get(v.version, [])))
+        for v in versions
+    ]
 
 
 def set_alias(uri: str, name: str, alias: str, version: str) -> None:

@@ -86,6 +86,9 @@ class WorkerSettings(CommonSettings):
     """On SIGTERM, keep refusing new work this long (after finishing held work) before exiting, so app
     servers see the drain in a heartbeat instead of a vanished socket."""
 
+    drain_timeout_s: float = Field(30.0, gt=0)
+    """On SIGTERM, the most time spent finishing held work before exiting anyway."""
+
     metrics_port: int = Field(0, ge=0, le=65535)
     """Port of the worker's HTTP ``/metrics`` and ``/healthz``; 0 disables it."""
 
@@ -96,7 +99,8 @@ class WorkerSettings(CommonSettings):
     """Testing only: sleep this long before every batch, to make a deliberately slow worker."""
 
     intra_op_threads: int = Field(0, ge=0)
-    """ONNX Runtime intra-op threads; 0 lets the runtime pick (one per core)."""
+    """ONNX Runtime intra-op threads; 0 means usable cores minus one on CPU (the I/O loop keeps a core),
+    one on CUDA. Set it to the container's CPU limit minus one in a pod."""
 
     @field_validator("tag")
     @classmethod
@@ -139,6 +143,9 @@ class AppSettings(CommonSettings):
 
     heartbeat_interval: float = Field(0.25, gt=0)
     """Seconds between pings to each worker; a worker silent for 3 intervals leaves the pool."""
+
+    shutdown_timeout_s: float = Field(10.0, gt=0)
+    """On SIGTERM, how long uvicorn waits for in-flight requests before closing connections."""
 
     dns_refresh_s: float = Field(5.0, gt=0)
     """How often a ``dns+tcp://`` worker name is re-resolved."""

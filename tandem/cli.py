@@ -61,6 +61,7 @@ def worker(
     cache_dir: Annotated[Path | None, typer.Option()] = None,
     intra_op_threads: Annotated[int | None, typer.Option()] = None,
     drain_grace_s: Annotated[float | None, typer.Option(help="On SIGTERM, refuse new work this long.")] = None,
+    drain_timeout_s: Annotated[float | None, typer.Option(help="On SIGTERM, most time to finish work.")] = None,
     debug_delay_ms: Annotated[float | None, typer.Option(hidden=True, help="Testing: slow every batch.")] = None,
     registry_uri: RegistryUri = None,
     home: Home = None,
@@ -100,7 +101,7 @@ def app_server(
         port=settings.port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
     )
 
 

@@ -46,7 +46,7 @@ def served(demo_registry, redis_server, tmp_path_factory):
         yield a, w, procs, logs
     finally:
         for p in reversed(procs):
-            p.stop(timeout=3)  # app shutdown currently hangs ~10 s in pool.close(); see the issue 6 report
+            p.stop(timeout=3)  # a hung shutdown must not eat the file's time budget
 
 
 @pytest.fixture(scope="module")
