@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,7 +32,7 @@ from shared.errors import (
     from_wire,
 )
 from shared.features import FeatureSpec, predictions_from
-from shared.protocol import Status
+from shared.protocol import Message, Status
 from shared.settings import AppSettings
 
 logger = logging.getLogger(__name__)
@@ -117,6 +119,10 @@ class VersionSpecs:
         return found
 
 
+PrepareFn = Callable[[WorkerConn, str], Awaitable[Prepared]]
+"""Gives the tensor to send to a worker for the version it serves (see ``Predictor.infer_prepared``)."""
+
+
 class FeatureSource(Protocol):
     async def fill(self, spec: FeatureSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Rows with stored features of their ``entity_id`` filled in where the request left gaps."""
@@ -167,41 +173,74 @@ class Predictor:
         metrics.ENCODE_DURATION.observe(time.perf_counter() - t0)
         return Prepared(version, x, spec.input_name, spec.output_name)
 
-    async def predict(self, instances: list[Any], request_id: str, deadline: float) -> dict[str, Any]:
+    @contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Hold one of this app server's in-flight slots; refused at once (503) when all are taken, so a
+        flood is shed here instead of queueing in memory. Shared by every inference route."""
         if self.in_flight >= self.settings.max_in_flight:
             raise Overloaded(f"app server holds {self.in_flight} requests already")
         self.in_flight += 1
         metrics.IN_FLIGHT.set(self.in_flight)
         try:
-            return await self._predict(instances, request_id, deadline)
+            yield
         finally:
             self.in_flight -= 1
             metrics.IN_FLIGHT.set(self.in_flight)
 
+    async def predict(self, instances: list[Any], request_id: str, deadline: float) -> dict[str, Any]:
+        with self.admitted():
+            return await self._predict(instances, request_id, deadline)
+
     async def _predict(self, instances: list[Any], request_id: str, deadline: float) -> dict[str, Any]:
         model = self.settings.model
-        excluded: set[str] = set()
         prepared: dict[str, Prepared] = {}
+
+        async def prepare(conn: WorkerConn, version: str) -> Prepared:
+            if version not in prepared:
+                prepared[version] = await self.prepare(conn, version, instances)
+                await self._look_up_cache(model, prepared[version])
+            return prepared[version]
+
+        reply, p = await self.infer_prepared(model, prepare, request_id, deadline)
+        if reply is None:
+            return self._from_cache(p, model, request_id)
+        return await self._answer(reply, p, model, request_id)
+
+    async def infer_prepared(
+        self,
+        model: str,
+        prepare: PrepareFn,
+        request_id: str,
+        deadline: float,
+        version: str | None = None,
+    ) -> tuple[Message | None, Prepared]:
+        """Send one request's tensor to a worker, retrying where that is safe and the budget allows.
+
+        The one retry/failover loop of the app server, shared by /predict and the v2 routes so both get
+        the same routing, deadlines and retries. ``prepare(conn, version)`` gives the tensor for the
+        version the chosen worker serves; it is asked again after a swap, so callers that encode per
+        version memoise it. ``version`` pins a version: only workers holding it are picked, and a
+        worker that lost it is skipped rather than the request re-targeted. Returns the ``ok`` reply,
+        or ``None`` when the prepared tensor has no rows left to send (the prediction cache answered).
+        """
+        excluded: set[str] = set()
         last_error: Exception | None = None
         for _attempt in range(MAX_ATTEMPTS):
             try:
-                conn = self.pool.pick(model, excluded)
+                conn = self.pool.pick(model, excluded | self._lacking(model, version))
             except NoWorkers:
                 if last_error is not None:
                     raise last_error from None
                 raise
-            version = conn.live_versions[model] or ""
-            if version not in prepared:
-                prepared[version] = await self.prepare(conn, version, instances)
-                await self._look_up_cache(model, prepared[version])
-            p = prepared[version]
+            target = version or conn.live_versions[model] or ""
+            p = await prepare(conn, target)
             if p.todo is not None and p.todo.size == 0:
-                return self._from_cache(p, model, request_id)
+                return None, p
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceeded("deadline passed before the request reached a worker")
             try:
-                reply = await self.pool.infer(conn, model, version, {p.input_name: p.to_send}, remaining, request_id)
+                reply = await self.pool.infer(conn, model, target, {p.input_name: p.to_send}, remaining, request_id)
             except TimeoutError:
                 raise DeadlineExceeded(f"no answer within the deadline (worker {conn.endpoint})") from None
             except WorkerLost as exc:
@@ -212,11 +251,13 @@ class Predictor:
                 continue
             status = reply.header.get("status")
             if status == Status.OK:
-                return await self._answer(reply, p, model, request_id)
+                return reply, p
             if status == Status.VERSION_UNAVAILABLE:
                 metrics.RETRIES.labels("version_unavailable").inc()
                 if reply.header.get("version"):
                     conn.live_versions[model] = reply.header["version"]
+                if version is not None:
+                    excluded.add(conn.endpoint)
                 last_error = from_wire(status, reply.header.get("message", ""))
                 continue
             if status == Status.OVERLOADED and len(self.pool.candidates(model)) > len(excluded) + 1:
@@ -227,6 +268,12 @@ class Predictor:
             raise from_wire(status or "error", reply.header.get("message", ""))
         assert last_error is not None
         raise last_error
+
+    def _lacking(self, model: str, version: str | None) -> set[str]:
+        """Endpoints of workers that do not hold ``version`` (none when no version is pinned)."""
+        if version is None:
+            return set()
+        return {c.endpoint for c in self.pool.conns.values() if version not in c.resident.get(model, [])}
 
     async def _look_up_cache(self, model: str, p: Prepared) -> None:
         """Mark which rows the cache already answers for this version (one MGET)."""
