@@ -19,6 +19,7 @@ from app_server.feature_store import RedisFeatureStore
 from app_server.predict import Predictor, format_loc
 from app_server.prediction_cache import PredictionCache
 from app_server.routes import install_openapi, json_response, router
+from app_server.v2 import router as v2_router
 from app_server.workers import WorkerPool
 from shared.errors import TandemError
 from shared.settings import AppSettings
@@ -99,6 +100,7 @@ def create_app(settings: AppSettings, pool: WorkerPool | None = None) -> FastAPI
     app.state.settings = settings
     app.state.predictor = Predictor(settings, pool, feature_store, cache)
     app.include_router(router)
+    app.include_router(v2_router)
     install_openapi(app)
     app.add_middleware(MetricsMiddleware)
 
