@@ -36,6 +36,7 @@ FEATURE_STORE_DURATION = Histogram(
 WORKER_RTT = Histogram("tandem_worker_rtt_seconds", "Round trip of one call to a worker", buckets=LATENCY_BUCKETS)
 WORKERS_READY = Gauge("tandem_workers_ready", "Workers answering heartbeats")
 RETRIES = Counter("tandem_retries_total", "Calls retried on another worker or version", ["reason"])
+CLIENT_DISCONNECTS = Counter("tandem_client_disconnects_total", "Requests whose caller left before the answer")
 IN_FLIGHT = Gauge("tandem_in_flight_requests", "Requests this app server is holding")
 FEATURE_STORE_LOOKUPS = Counter(
     "tandem_feature_store_lookups_total", "Entities read from the feature store, by whether they were found", ["result"]

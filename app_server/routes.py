@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import logging
 import time
@@ -11,6 +13,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, FastAPI, Request, Response
 
+from app_server import metrics
 from app_server.predict import Predictor
 from shared.errors import InvalidInput, NoWorkers, TooLarge
 from shared.features import FeatureSpec
@@ -91,8 +94,28 @@ async def predict(request: Request) -> Response:
     request.state.request_id = request_id
     deadline = time.monotonic() + _budget_s(request, settings.timeout_ms)
     instances = predictor.check_body(await read_json(request, settings.max_body_bytes))
-    result = await predictor.predict(instances, request_id, deadline)
-    return json_response(result, headers={"X-Request-ID": request_id})
+    work = asyncio.ensure_future(predictor.predict(instances, request_id, deadline))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not work.done():
+        # The caller left: cancelling reaches the worker as a cancel message, so a request still
+        # queued there is dropped instead of computed for nobody.
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await work
+        metrics.CLIENT_DISCONNECTS.inc()
+        logger.info("request %s: client disconnected; cancelled", request_id, extra={"request_id": request_id})
+        return Response(status_code=499)
+    return json_response(work.result(), headers={"X-Request-ID": request_id})
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body is already read, so only disconnects arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @router.get("/healthz")

@@ -53,6 +53,9 @@ class WorkerConn:
     est_wait_ms: float = 0.0
     device: str | None = None
     draining: bool = False
+    removed: bool = False
+    """Gone from discovery: no new calls; the socket closes once its calls are answered."""
+    rtt_ewma_s: float = 0.0
     monitor: zmq.asyncio.Socket | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -130,13 +133,19 @@ class WorkerPool:
                 sock = make_socket(self._ctx, zmq.DEALER, connect=ep)
                 conn = WorkerConn(ep, sock)
                 conn.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-                conn.tasks = [asyncio.create_task(self._receive_loop(conn)),
-                              asyncio.create_task(self._monitor_loop(conn, conn.monitor))]
+                conn.tasks = [
+                    asyncio.create_task(self._receive_loop(conn)),
+                    asyncio.create_task(self._monitor_loop(conn, conn.monitor)),
+                ]
                 self.conns[ep] = conn
                 logger.info("worker %s added", ep)
         for ep in set(self.conns) - set(endpoints):
-            self._remove(self.conns[ep])
-            logger.info("worker %s removed", ep)
+            conn = self.conns[ep]
+            if not conn.removed:
+                conn.removed = True  # e.g. its pod is terminating: let what it holds finish
+                logger.info("worker %s left discovery; removing it once its calls are answered", ep)
+        for ep in endpoints:
+            self.conns[ep].removed = False
 
     def _remove(self, conn: WorkerConn) -> None:
         self._fail_pending(conn, "worker removed from the pool")
@@ -156,6 +165,10 @@ class WorkerPool:
         while True:
             now = time.monotonic()
             for conn in list(self.conns.values()):
+                if conn.removed and not conn.pending:
+                    self._remove(conn)
+                    logger.info("worker %s removed", conn.endpoint)
+                    continue
                 if conn.alive and now - conn.last_seen > MISSED_HEARTBEATS * self.interval:
                     conn.alive = False
                     logger.warning("worker %s missed %d heartbeats; out of the pool", conn.endpoint, MISSED_HEARTBEATS)
@@ -217,17 +230,23 @@ class WorkerPool:
         return f"{self._prefix}{next(self._ids)}"
 
     def candidates(self, model: str) -> list[WorkerConn]:
-        return [c for c in self.conns.values() if c.alive and not c.draining and c.live_versions.get(model)]
+        return [
+            c
+            for c in self.conns.values()
+            if c.alive and not c.draining and not c.removed and c.live_versions.get(model)
+        ]
 
     def ready(self, model: str) -> bool:
         return bool(self.candidates(model))
 
     def pick(self, model: str, exclude: set[str] | frozenset[str] = frozenset()) -> WorkerConn:
-        """Least outstanding requests (worker queue included) among live workers serving ``model``."""
+        """Least outstanding requests (worker queue included) among live workers serving ``model``;
+        ties go to the worker answering fastest lately, so a slow worker gets less traffic even when
+        load is too light for queues to form."""
         choices = [c for c in self.candidates(model) if c.endpoint not in exclude]
         if not choices:
             raise NoWorkers(f"no live worker serves model {model!r}")
-        return min(choices, key=lambda c: (c.outstanding + c.queue_depth, c.est_wait_ms))
+        return min(choices, key=lambda c: (c.outstanding + c.queue_depth, c.est_wait_ms + 1000 * c.rtt_ewma_s))
 
     async def call(self, conn: WorkerConn, frames: list[Any], msg_id: str, timeout_s: float) -> protocol.Message:
         fut: asyncio.Future[protocol.Message] = asyncio.get_running_loop().create_future()
@@ -263,7 +282,9 @@ class WorkerPool:
         try:
             return await self.call(conn, frames, msg_id, budget_s)
         finally:
-            metrics.WORKER_RTT.observe(time.monotonic() - t0)
+            rtt = time.monotonic() - t0
+            conn.rtt_ewma_s = rtt if not conn.rtt_ewma_s else 0.8 * conn.rtt_ewma_s + 0.2 * rtt
+            metrics.WORKER_RTT.observe(rtt)
 
     def cancel(self, conn: WorkerConn, msg_id: str) -> None:
         """Tell the worker to drop a queued request nobody waits for any more."""
