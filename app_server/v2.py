@@ -236,6 +236,8 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any
         raise InvalidInput(f"body: invalid JSON ({exc})") from None
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise InvalidInput('body: expected an object with an "inputs" list')
+    if not isinstance(header.get("parameters") or {}, dict):
+        raise InvalidInput("parameters: expected an object")
     return header, body[split:]
 
 
@@ -263,6 +265,8 @@ def decode_input(header: dict[str, Any], binary: bytes, spec: dict[str, Any], ma
         raise TooLarge(f"{where}: {shape[0]} rows, at most {max_rows} per request")
     count = math.prod(shape)
     params = tensor.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInput(f"{where}.parameters: expected an object")
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         if size != count * 4 or len(binary) != size:

@@ -139,6 +139,7 @@ def _bad_bodies(width: int) -> list[tuple[dict, str]]:
         ({"instances": []}, '"inputs" list'),
         (body() | {"outputs": [{"name": "logits"}]}, "unknown output 'logits'"),
         (body() | {"parameters": {"timeout": -5}}, "parameters.timeout"),
+        (body() | {"parameters": [1]}, "parameters: expected an object"),
     ]
 
 
