@@ -32,6 +32,7 @@ from shared.transport import make_socket
 logger = logging.getLogger(__name__)
 
 MISSED_HEARTBEATS = 3
+RECEIVE_BURST = 256
 
 
 class WorkerLost(TandemError):
@@ -44,6 +45,9 @@ class WorkerLost(TandemError):
 class WorkerConn:
     endpoint: str
     sock: zmq.asyncio.Socket
+    sync: zmq.Socket
+    """The same socket used synchronously, only to read the rest of a burst of replies without a
+    future each (sends stay on the asyncio socket, which re-checks events for the pending receive)."""
     pending: dict[str, asyncio.Future[protocol.Message]] = field(default_factory=dict)
     last_seen: float = 0.0
     alive: bool = False
@@ -73,6 +77,15 @@ class WorkerConn:
             "outstanding": self.outstanding,
             "queue_depth": self.queue_depth,
         }
+
+
+def _send_now(conn: WorkerConn, frames: list[Any]) -> None:
+    """Send without blocking or awaiting; raises zmq.Again when the worker is not connected (IMMEDIATE)."""
+    sent = conn.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+    if sent.done():
+        sent.result()  # raises zmq.Again / ZMQError now
+    else:  # pragma: no cover - NOBLOCK sends complete at once
+        sent.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 class WorkerPool:
@@ -131,7 +144,7 @@ class WorkerPool:
         for ep in endpoints:
             if ep not in self.conns:
                 sock = make_socket(self._ctx, zmq.DEALER, connect=ep)
-                conn = WorkerConn(ep, sock)
+                conn = WorkerConn(ep, sock, zmq.Socket.shadow(sock.underlying))
                 conn.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
                 conn.tasks = [
                     asyncio.create_task(self._receive_loop(conn)),
@@ -174,7 +187,7 @@ class WorkerPool:
                     logger.warning("worker %s missed %d heartbeats; out of the pool", conn.endpoint, MISSED_HEARTBEATS)
                     self._fail_pending(conn, "worker stopped answering heartbeats")
                 with contextlib.suppress(zmq.Again):  # not connected: it stays out until it answers
-                    await conn.sock.send_multipart(protocol.request(Kind.PING, self._next_id()), flags=zmq.NOBLOCK)
+                    _send_now(conn, protocol.request(Kind.PING, self._next_id()))
             metrics.WORKERS_READY.set(sum(c.alive for c in self.conns.values()))
             await asyncio.sleep(self.interval)
 
@@ -192,20 +205,31 @@ class WorkerPool:
         conn.draining = bool(header.get("draining"))
 
     async def _receive_loop(self, conn: WorkerConn) -> None:
+        """Await one reply, then take every reply already waiting without awaiting again."""
         while True:
             frames = await conn.sock.recv_multipart(copy=False)
-            try:
-                msg = protocol.parse_reply(frames)
-            except TandemError as exc:
-                logger.warning("unparseable reply from %s: %s", conn.endpoint, exc)
-                continue
-            if "models" in msg.header and msg.header.get("status") == Status.OK and not msg.tensors:
-                self._on_pong(conn, msg.header)
-            conn.last_seen = time.monotonic()
-            fut = conn.pending.pop(msg.id, None)
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
-            # else: a late answer to a call that already timed out or failed over; dropped.
+            for _ in range(RECEIVE_BURST):
+                self._on_reply(conn, frames)
+                try:
+                    frames = conn.sync.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+            else:
+                self._on_reply(conn, frames)
+
+    def _on_reply(self, conn: WorkerConn, frames: list[Any]) -> None:
+        try:
+            msg = protocol.parse_reply(frames)
+        except TandemError as exc:
+            logger.warning("unparseable reply from %s: %s", conn.endpoint, exc)
+            return
+        if "models" in msg.header and msg.header.get("status") == Status.OK and not msg.tensors:
+            self._on_pong(conn, msg.header)
+        conn.last_seen = time.monotonic()
+        fut = conn.pending.pop(msg.id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+        # else: a late answer to a call that already timed out or failed over; dropped.
 
     async def _monitor_loop(self, conn: WorkerConn, monitor: zmq.asyncio.Socket) -> None:
         """A dropped TCP connection (a killed worker) takes the worker out at once, not after three
@@ -252,7 +276,7 @@ class WorkerPool:
         fut: asyncio.Future[protocol.Message] = asyncio.get_running_loop().create_future()
         conn.pending[msg_id] = fut
         try:
-            await conn.sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+            _send_now(conn, frames)
         except zmq.Again:
             conn.pending.pop(msg_id, None)
             raise WorkerLost(f"{conn.endpoint}: not connected") from None
@@ -289,7 +313,7 @@ class WorkerPool:
     def cancel(self, conn: WorkerConn, msg_id: str) -> None:
         """Tell the worker to drop a queued request nobody waits for any more."""
         with contextlib.suppress(zmq.ZMQError):
-            conn.sock.send_multipart(protocol.request(Kind.CANCEL, self._next_id(), target=msg_id), flags=zmq.NOBLOCK)
+            _send_now(conn, protocol.request(Kind.CANCEL, self._next_id(), target=msg_id))
 
     async def describe(self, conn: WorkerConn, model: str, version: str, timeout_s: float = 2.0) -> dict[str, Any]:
         """Feature spec, input example and signature of a version, cached per (model, version)."""

@@ -11,10 +11,12 @@ as soon as any of these holds:
 2. deadline: ``now + upper(t(b)) + margin_s`` reaches the tightest deadline in it, so waiting any
    longer would make a member late;
 3. window: ``max_latency_s`` has passed since its oldest request arrived;
-4. enough: it has at least ``b*`` rows, the smallest batch whose rows cover the arrivals during its
-   own execution (``b* = ⌈λ'a / (1 - λ'c)⌉``, ``λ'`` the arrival rate times ``headroom``). Waiting
-   for more company than that raises latency without raising throughput. At low load ``b* = 1``, so
-   a lone request runs at once; near capacity ``b*`` reaches the full batch.
+4. enough: it has at least ``b*`` rows, the smallest batch that keeps the executor busy at most a
+   fraction rho (``target_utilization``) of the time at the arrival rate: ``λ'·t(b)/b ≤ rho`` gives
+   ``b* = ⌈λ'a / (rho - λ'c)⌉``, ``λ'`` the arrival rate times ``headroom``. With rho = 1 that is the
+   smallest batch that merely keeps up; rho < 1 keeps queueing delay bounded and, on a CPU, leaves
+   cores to the I/O loops beside the model. At low load ``b* = 1``, so a lone request runs at once;
+   near capacity ``b*`` reaches the full batch.
 5. another version is queued behind it (a swap is under way): holding would only delay both.
 
 When none holds, :attr:`Poll.wait_s` is the time until the window closes or the deadline rule fires,
@@ -68,6 +70,7 @@ class AdaptiveBatcher:
         *,
         margin_s: float = 0.001,
         headroom: float = 1.2,
+        target_utilization: float = 0.5,
         rate_tau_s: float = 0.5,
         cost_window: int = 128,
         max_versions: int = 4,
@@ -79,6 +82,10 @@ class AdaptiveBatcher:
         """Slack for what the cost model does not see: the event loop's hand-off and reply sending."""
         self.headroom = headroom
         """Arrival rate is multiplied by this before sizing ``b*``, so estimation noise errs large."""
+        self.target_utilization = target_utilization
+        """Most of the time the executor should be busy at the arrival rate: ``b*`` is sized for it.
+        Below 1 it trades a little waiting for larger, cheaper-per-row batches, which pays twice on a
+        CPU: the model costs less per row, and the cores it frees serve the I/O loops beside it."""
         self.max_versions = max_versions
         self._cost_window = cost_window
         self._costs: dict[str, CostModel] = {}
@@ -280,11 +287,13 @@ class AdaptiveBatcher:
         return q[0]
 
     def _target_rows(self, cost: CostModel, now: float) -> float:
-        """``b*``: the smallest batch that keeps up with arrivals (see the module docstring)."""
+        """``b*``: the smallest batch with which the executor is busy at most ``target_utilization`` of
+        the time at the current arrival rate: ``λ·t(b)/b ≤ rho`` gives ``b ≥ λa / (rho - λc)``."""
         lam = self._rate.rate(now) * self.headroom
-        if lam * cost.c >= 1.0:
+        rho = self.target_utilization
+        if lam * cost.c >= rho:
             return self.max_batch_size
-        return max(1.0, math.ceil(lam * cost.a / (1.0 - lam * cost.c)))
+        return max(1.0, math.ceil(lam * cost.a / (rho - lam * cost.c)))
 
     # -- expiry and cancellation ---------------------------------------------------------------------
 

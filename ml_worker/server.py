@@ -33,6 +33,9 @@ from shared.transport import make_socket
 
 logger = logging.getLogger(__name__)
 
+RECEIVE_BURST = 256
+"""Most messages handled per wake-up before batches are formed and the loop yields."""
+
 REFUSED = "cannot finish within the request's budget: queue too long"
 EXPIRED = "deadline passed, or could no longer be met, while queued"
 
@@ -61,10 +64,14 @@ class WorkerServer:
         self.batcher = batcher or make_batcher(settings)
         self.executor = ThreadPoolExecutor(settings.batches_in_flight, thread_name_prefix="model")
         self._in_flight = 0
-        self._wake = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
         self._draining = False
         self._ctx = zmq.asyncio.Context()
         self.sock = make_socket(self._ctx, zmq.ROUTER, bind=settings.bind)
+        # The same socket used synchronously, for reading the rest of a burst without a future per
+        # message. Only reads: a send behind asyncio's back could swallow the edge-triggered wake-up
+        # of a pending receive, so replies go through the asyncio socket (which re-checks events).
+        self._sync = zmq.Socket.shadow(self.sock.underlying)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         cache = settings.cache_dir or (settings.home / "cache" if settings.home else None)
         self.cache_dir = Path(cache or tempfile.mkdtemp(prefix="tandem-cache-"))
@@ -75,11 +82,7 @@ class WorkerServer:
     async def serve(self, *, watch: bool = True) -> None:
         """Run until cancelled or drained."""
         logger.info("worker listening on %s (model %s, %s)", self.endpoint, self.settings.model, self.watcher.target)
-        self._tasks = [
-            asyncio.create_task(self._receive_loop()),
-            asyncio.create_task(self._dispatch_loop()),
-            asyncio.create_task(self._retire_loop()),
-        ]
+        self._tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._retire_loop())]
         if watch:
             self._tasks.append(asyncio.create_task(self.watcher.run()))
         try:
@@ -94,6 +97,8 @@ class WorkerServer:
         return self.store.live is not None and not self._draining
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         self.sock.close(linger=0)
         self._ctx.term()
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -112,7 +117,7 @@ class WorkerServer:
         while time.monotonic() - start < timeout_s and (
             self.batcher.depth or self._in_flight or time.monotonic() - start < self.settings.drain_grace_s
         ):
-            self._wake.set()
+            self.pump()
             await asyncio.sleep(0.01)
         logger.info("drained in %.2f s", time.monotonic() - start)
         for t in self._tasks:
@@ -121,37 +126,49 @@ class WorkerServer:
     # -- receiving -----------------------------------------------------------------------------------
 
     async def _receive_loop(self) -> None:
+        """Await one message, then take whatever else is already waiting without awaiting (one
+        asyncio future per burst, not per message), then form batches once for the whole burst."""
+        sync = self._sync
         while True:
             frames = await self.sock.recv_multipart(copy=False)
-            ident = frames[0].bytes
-            try:
-                await self._handle(ident, frames[1:])
-            except Exception:  # a bug in handling one message must not stop the worker
-                logger.exception("unhandled error handling a message")
+            for _ in range(RECEIVE_BURST):
+                try:
+                    self._handle(frames[0].bytes, frames[1:])
+                except Exception:  # a bug in handling one message must not stop the worker
+                    logger.exception("unhandled error handling a message")
+                try:
+                    frames = sync.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+            else:
+                self._handle_last(frames)
+            self.pump()
 
-    async def _handle(self, ident: bytes, frames: list[Any]) -> None:
+    def _handle_last(self, frames: list[Any]) -> None:
+        try:
+            self._handle(frames[0].bytes, frames[1:])
+        except Exception:
+            logger.exception("unhandled error handling a message")
+
+    def _handle(self, ident: bytes, frames: list[Any]) -> None:
         try:
             msg = protocol.parse_request(frames)
         except ProtocolError as exc:
             metrics.REQUESTS.labels("bad_request").inc()
             logger.warning("bad message: %s", exc.message)
-            await self._send(
-                ident, protocol.reply(protocol.protocol_error_id(exc), Status.BAD_REQUEST, message=exc.message)
-            )
+            self._send(ident, protocol.reply(protocol.protocol_error_id(exc), Status.BAD_REQUEST, message=exc.message))
             return
         kind = msg.header["kind"]
         if kind == Kind.PING:
-            await self._send(ident, protocol.reply(msg.id, Status.OK, **self.heartbeat()))
+            self._send(ident, protocol.reply(msg.id, Status.OK, **self.heartbeat()))
         elif kind == Kind.INFER:
-            await self._admit(ident, msg)
+            self._admit(ident, msg)
         elif kind == Kind.DESCRIBE:
             model = self.store.get(msg.header.get("version"))
             if model is None:
-                await self._send(ident, self._version_unavailable(msg.id, msg.header.get("version")))
+                self._send(ident, self._version_unavailable(msg.id, msg.header.get("version")))
             else:
-                await self._send(
-                    ident, protocol.reply(msg.id, Status.OK, version=model.version, describe=model.describe())
-                )
+                self._send(ident, protocol.reply(msg.id, Status.OK, version=model.version, describe=model.describe()))
         elif kind == Kind.CANCEL:
             target = msg.header.get("target")
             if isinstance(target, str) and self.batcher.cancel(target):
@@ -178,16 +195,16 @@ class WorkerServer:
             message=f"version {version} is not loaded on this worker",
         )
 
-    async def _admit(self, ident: bytes, msg: protocol.Message) -> None:
+    def _admit(self, ident: bytes, msg: protocol.Message) -> None:
         now = time.monotonic()
         header = msg.header
         if self._draining:
             metrics.REQUESTS.labels("overloaded").inc()
-            await self._send(ident, protocol.reply(msg.id, Status.OVERLOADED, message="worker is draining"))
+            self._send(ident, protocol.reply(msg.id, Status.OVERLOADED, message="worker is draining"))
             return
         model = self.store.get(header.get("version"))
         if model is None:
-            await self._send(ident, self._version_unavailable(msg.id, header.get("version")))
+            self._send(ident, self._version_unavailable(msg.id, header.get("version")))
             return
         # Issue 3: seed the adaptive batcher's cost model from the version's warm-up timings (a no-op
         # once seeded, and for batchers without a cost model).
@@ -197,7 +214,7 @@ class WorkerServer:
         if x is None or x.ndim != 2 or x.shape[1] != model.spec.width or x.dtype != np.float32:
             metrics.REQUESTS.labels("bad_request").inc()
             got = f"{x.dtype}{list(x.shape)}" if x is not None else "nothing"
-            await self._send(
+            self._send(
                 ident,
                 protocol.reply(
                     msg.id,
@@ -210,7 +227,7 @@ class WorkerServer:
         budget_s = float(header.get("budget_ms") or 0) / 1000
         if budget_s <= 0:
             metrics.REQUESTS.labels("expired").inc()
-            await self._send(
+            self._send(
                 ident, protocol.reply(msg.id, Status.DEADLINE_EXCEEDED, version=model.version, message="no budget left")
             )
             return
@@ -225,37 +242,37 @@ class WorkerServer:
         )
         if not self.batcher.offer(item, now):
             metrics.REQUESTS.labels("overloaded").inc()
-            await self._send(ident, protocol.reply(msg.id, Status.OVERLOADED, version=model.version, message=REFUSED))
+            self._send(ident, protocol.reply(msg.id, Status.OVERLOADED, version=model.version, message=REFUSED))
             return
         metrics.QUEUE_DEPTH.set(self.batcher.depth)
-        self._wake.set()
 
     # -- dispatching ---------------------------------------------------------------------------------
 
-    async def _dispatch_loop(self) -> None:
+    def pump(self) -> None:
+        """Ask the batcher what to do now: answer expired requests, start batches while a slot is
+        free, and set one timer for the moment it says to look again. Called after every burst of
+        arrivals, every finished batch, and by that timer: no task wakes up per request."""
+        now = time.monotonic()
         while True:
-            self._wake.clear()
-            now = time.monotonic()
             poll = self.batcher.poll(now, self._in_flight < self.settings.batches_in_flight)
             for p in poll.expired:
                 metrics.REQUESTS.labels("expired").inc()
-                await self._send(
+                self._send(
                     p.reply_to,
                     protocol.reply(p.msg_id, Status.DEADLINE_EXCEEDED, version=p.version, message=EXPIRED),
                 )
-            if poll.batch:
-                self._in_flight += 1
-                task = asyncio.create_task(self._execute(poll.batch, now))
-                self._batch_tasks.add(task)  # keep a reference: the loop holds tasks only weakly
-                task.add_done_callback(self._batch_tasks.discard)
-            metrics.QUEUE_DEPTH.set(self.batcher.depth)
-            if poll.batch or poll.expired:
-                continue
-            if poll.wait_s is None:
-                await self._wake.wait()
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=max(poll.wait_s, 0.0002))
+            if not poll.batch:
+                break
+            self._in_flight += 1
+            task = asyncio.create_task(self._execute(poll.batch, now))
+            self._batch_tasks.add(task)  # keep a reference: the loop holds tasks only weakly
+            task.add_done_callback(self._batch_tasks.discard)
+        metrics.QUEUE_DEPTH.set(self.batcher.depth)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if poll.wait_s is not None:
+            self._timer = asyncio.get_running_loop().call_later(max(poll.wait_s, 0.0002), self.pump)
 
     async def _execute(self, batch: list[Pending], started: float) -> None:
         version = batch[0].version
@@ -263,12 +280,12 @@ class WorkerServer:
         try:
             if model is None:
                 for p in batch:
-                    await self._send(p.reply_to, self._version_unavailable(p.msg_id, version))
+                    self._send(p.reply_to, self._version_unavailable(p.msg_id, version))
                 return
             await self._run_batch(model, batch, started)
         finally:
             self._in_flight -= 1
-            self._wake.set()
+            self.pump()
 
     async def _run_batch(self, model: LoadedModel, batch: list[Pending], started: float) -> None:
         x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
@@ -285,7 +302,7 @@ class WorkerServer:
             logger.exception("%s v%s failed on a batch of %d rows", model.name, model.version, rows)
             metrics.REQUESTS.labels("error").inc(len(batch))
             for p in batch:
-                await self._send(
+                self._send(
                     p.reply_to,
                     protocol.reply(
                         p.msg_id,
@@ -307,7 +324,7 @@ class WorkerServer:
             timing = {"queue_ms": (started - p.arrival) * 1000, "infer_ms": infer_s * 1000, "batch_size": rows}
             out = {name: o[offset : offset + n] for name, o in outputs.items()}
             offset += n
-            await self._send(
+            self._send(
                 p.reply_to, protocol.reply(p.msg_id, Status.OK, version=model.version, outputs=out, timing=timing)
             )
 
@@ -325,9 +342,10 @@ class WorkerServer:
             await asyncio.sleep(1.0)
             self.store.retire_due(time.monotonic())
 
-    async def _send(self, ident: bytes, frames: list[Any]) -> None:
+    def _send(self, ident: bytes, frames: list[Any]) -> None:
+        """Reply without awaiting: a ROUTER send completes at once (or drops for a vanished peer)."""
         try:
-            await self.sock.send_multipart([ident, *frames], copy=False)
+            self.sock.send_multipart([ident, *frames], copy=False)
         except zmq.ZMQError as exc:  # the peer vanished: its answer has nobody to go to
             logger.warning("could not send reply: %s", exc)
 
