@@ -22,6 +22,7 @@ from app_server.routes import install_openapi, json_response, router
 from app_server.v2 import router as v2_router
 from app_server.workers import WorkerPool
 from shared.errors import TandemError
+from shared.runtime import tune_gc
 from shared.settings import AppSettings
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ def create_app(settings: AppSettings, pool: WorkerPool | None = None) -> FastAPI
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
         await pool.start()
+        tune_gc()
         try:
             yield
         finally:

@@ -28,6 +28,7 @@ from ml_worker.registry_watch import RegistryWatcher
 from shared import protocol
 from shared.errors import ProtocolError
 from shared.protocol import Kind, Status
+from shared.runtime import tune_gc
 from shared.settings import WorkerSettings
 from shared.transport import make_socket
 
@@ -356,6 +357,7 @@ async def run_worker(settings: WorkerSettings) -> None:
 
         start_http(settings.metrics_port)
     server = WorkerServer(settings)
+    tune_gc()
     set_readiness(lambda: server.ready)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
