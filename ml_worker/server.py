@@ -52,6 +52,7 @@ def make_batcher(settings: WorkerSettings) -> Batcher:
                 max_batch_size=settings.max_batch_size,
                 max_latency_s=settings.max_latency_ms / 1000,
                 max_queue=settings.max_queue,
+                target_utilization=settings.target_utilization,
             )
     return SimpleBatcher(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue)
 

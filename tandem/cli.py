@@ -55,6 +55,7 @@ def worker(
     max_queue: Annotated[int | None, typer.Option()] = None,
     batcher: Annotated[str | None, typer.Option(help="adaptive or simple.")] = None,
     batches_in_flight: Annotated[int | None, typer.Option()] = None,
+    target_utilization: Annotated[float | None, typer.Option(help="Adaptive batcher's executor busy target.")] = None,
     poll_interval: Annotated[float | None, typer.Option(help="Seconds between registry polls.")] = None,
     keep_previous_s: Annotated[float | None, typer.Option()] = None,
     metrics_port: Annotated[int | None, typer.Option(help="HTTP /metrics and probes; 0 = off.")] = None,
