@@ -353,13 +353,13 @@ class WorkerServer:
 
 
 async def run_worker(settings: WorkerSettings) -> None:
+    server = WorkerServer(settings)
     if settings.metrics_port:
         from ml_worker.http import set_readiness, start_http
 
+        set_readiness(lambda: server.ready)
         start_http(settings.metrics_port)
-    server = WorkerServer(settings)
     tune_gc()
-    set_readiness(lambda: server.ready)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.drain()))

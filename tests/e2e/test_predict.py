@@ -150,3 +150,22 @@ def test_batch_answers_keep_their_order(running, demo_registry, tmp_path):
     r = httpx.post(f"{a.url}/predict", json={"instances": instances})
     expected = session.run(None, {"input": spec.encoder.encode(instances)})[0][:, 0]
     assert r.json()["predictions"] == pytest.approx(expected.tolist(), rel=1e-6)
+
+
+def test_a_worker_without_a_metrics_port_serves(stack, demo_registry):
+    """The metrics/probe HTTP side is optional: a bare worker must still start and serve."""
+    from procs import free_port, tandem_argv
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    w = stack.worker(demo_registry.uri)
+    bare = w.__class__(
+        "bare-worker",
+        tandem_argv("worker", "--bind", endpoint, "--registry-uri", demo_registry.uri),
+        w.log_path.with_name("bare-worker.log"),
+        endpoint=endpoint,
+    ).start()
+    stack.procs.append(bare)
+    a = stack.app([endpoint])
+    wait_ready(a)
+    r = httpx.post(f"{a.url}/predict", json={"instances": [{"amount": 5.0, "merchant_category": "fuel"}]})
+    assert r.status_code == 200, bare.log()[-2000:]
