@@ -88,6 +88,7 @@ async def predict(request: Request) -> Response:
 
     Headers: ``X-Request-ID`` (echoed, generated if absent), ``X-Timeout-Ms`` (deadline budget).
     """
+    t0 = time.monotonic()
     predictor = _predictor(request)
     settings = predictor.settings
     request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
@@ -109,7 +110,22 @@ async def predict(request: Request) -> Response:
         metrics.CLIENT_DISCONNECTS.inc()
         logger.info("request %s: client disconnected; cancelled", request_id, extra={"request_id": request_id})
         return Response(status_code=499)
-    return json_response(work.result(), headers={"X-Request-ID": request_id})
+    result = work.result()
+    elapsed_ms = (time.monotonic() - t0) * 1000
+    if settings.log_requests or elapsed_ms >= settings.slow_request_ms:
+        logger.info(
+            "predict %s answered in %.1f ms",
+            request_id,
+            elapsed_ms,
+            extra={
+                "request_id": request_id,
+                "model": result["model"],
+                "model_version": result["model_version"],
+                "duration_ms": round(elapsed_ms, 3),
+                "instances": len(instances),
+            },
+        )
+    return json_response(result, headers={"X-Request-ID": request_id})
 
 
 async def _disconnected(request: Request) -> None:

@@ -301,7 +301,13 @@ class WorkerServer:
             if bad:
                 raise ValueError(f"outputs {bad} do not have one row per input row ({rows})")
         except Exception as exc:
-            logger.exception("%s v%s failed on a batch of %d rows", model.name, model.version, rows)
+            logger.exception(
+                "%s v%s failed on a batch of %d rows",
+                model.name,
+                model.version,
+                rows,
+                extra={"request_ids": [p.request_id for p in batch]},
+            )
             metrics.REQUESTS.labels("error").inc(len(batch))
             for p in batch:
                 self._send(
@@ -320,10 +326,19 @@ class WorkerServer:
         metrics.INFERENCE.observe(infer_s)
         metrics.REQUESTS.labels("ok").inc(len(batch))
         offset = 0
+        done = time.monotonic()
+        log_all, slow_s = self.settings.log_requests, self.settings.slow_request_ms / 1000
         for p in batch:
             n = p.rows
             metrics.QUEUE_WAIT.observe(started - p.arrival)
             timing = {"queue_ms": (started - p.arrival) * 1000, "infer_ms": infer_s * 1000, "batch_size": rows}
+            if log_all or done - p.arrival >= slow_s:
+                logger.info(
+                    "request %s answered in %.1f ms",
+                    p.request_id or p.msg_id,
+                    (done - p.arrival) * 1000,
+                    extra={"request_id": p.request_id, "model": model.name, "model_version": model.version, **timing},
+                )
             out = {name: o[offset : offset + n] for name, o in outputs.items()}
             offset += n
             self._send(

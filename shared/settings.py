@@ -35,6 +35,14 @@ class CommonSettings(BaseSettings):
     log_format: Literal["auto", "json", "text"] = "auto"
     """``json`` writes one JSON object per line; ``auto`` picks text on a terminal, JSON otherwise."""
 
+    log_requests: bool = False
+    """Log one line per request (request id, model version, timings). Off by default: at thousands of
+    requests per second the log would cost more than the request."""
+
+    slow_request_ms: float = Field(250.0, ge=0)
+    """Requests slower than this are logged even without ``log_requests``, so a slow request can be
+    found by its id in both tiers' logs."""
+
     def resolved_registry_uri(self) -> str:
         """The registry this process talks to: explicit URI, ``MLFLOW_TRACKING_URI``, else the home."""
         if self.registry_uri:

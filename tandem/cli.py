@@ -64,6 +64,8 @@ def worker(
     drain_grace_s: Annotated[float | None, typer.Option(help="On SIGTERM, refuse new work this long.")] = None,
     drain_timeout_s: Annotated[float | None, typer.Option(help="On SIGTERM, most time to finish work.")] = None,
     debug_delay_ms: Annotated[float | None, typer.Option(hidden=True, help="Testing: slow every batch.")] = None,
+    log_requests: Annotated[bool | None, typer.Option("--log-requests", help="Log every request.")] = None,
+    slow_request_ms: Annotated[float | None, typer.Option(help="Log requests slower than this.")] = None,
     registry_uri: RegistryUri = None,
     home: Home = None,
     log_level: LogLevel = None,
@@ -87,6 +89,8 @@ def app_server(
     max_instances: Annotated[int | None, typer.Option()] = None,
     max_in_flight: Annotated[int | None, typer.Option()] = None,
     heartbeat_interval: Annotated[float | None, typer.Option()] = None,
+    log_requests: Annotated[bool | None, typer.Option("--log-requests", help="Log every request.")] = None,
+    slow_request_ms: Annotated[float | None, typer.Option(help="Log requests slower than this.")] = None,
     log_level: LogLevel = None,
 ) -> None:
     """Run one app server (uvicorn)."""
