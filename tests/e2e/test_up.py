@@ -59,6 +59,18 @@ def test_up_is_ready_prints_a_working_curl_and_stops_cleanly(tmp_path):
         assert 0.0 <= body["predictions"][0] <= 1.0
         assert len(httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["models"][0]["workers"]) == 2
         assert len(_children_of(home, port)) == 3
+        # A crashed worker is restarted by the supervisor and rejoins the pool.
+        victim = int(next(line for line in _children_of(home, port) if "--cache-dir" in line).split()[0])
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            workers = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["models"][0]["workers"]
+            pids = [int(line.split()[0]) for line in _children_of(home, port) if "--cache-dir" in line]
+            if victim not in pids and len(pids) == 2 and sum(w["alive"] for w in workers) == 2:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"worker not restarted: {_children_of(home, port)}")
     finally:
         os.killpg(proc.pid, signal.SIGTERM) if proc.poll() is None else None
         code = proc.wait(30)
