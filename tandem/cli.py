@@ -208,20 +208,70 @@ def models(
     registry_uri: RegistryUri = None,
     home: Home = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    app_url: Annotated[
+        str | None,
+        typer.Option(
+            help="An app server to ask which workers serve what (default: the running `tandem up` of --home)."
+        ),
+    ] = None,
 ) -> None:
-    """List a model's versions with their aliases and tags."""
+    """List a model's versions with their aliases and tags, and which workers serve which version."""
     from shared import registry
 
     versions = registry.list_versions(registry_uri_for_write(registry_uri, home), name)
+    workers = _served_by(app_url or _up_url(home), name)
     if as_json:
-        typer.echo(json.dumps([{"version": v.version, "aliases": v.aliases, "tags": v.tags} for v in versions]))
+        typer.echo(
+            json.dumps(
+                {
+                    "versions": [{"version": v.version, "aliases": v.aliases, "tags": v.tags} for v in versions],
+                    "workers": workers,
+                }
+            )
+        )
         return
     if not versions:
         typer.echo(f"no versions of {name}")
         raise typer.Exit(1)
     for v in versions:
         tags = " ".join(f"{k}={val}" for k, val in sorted(v.tags.items()))
-        typer.echo(f"{name} v{v.version:<4} aliases: {','.join(v.aliases) or '-':<12} tags: {tags}")
+        serving = [w["endpoint"] for w in workers or [] if w.get("live") == v.version]
+        where = f"  served by: {', '.join(serving)}" if serving else ""
+        typer.echo(f"{name} v{v.version:<4} aliases: {','.join(v.aliases) or '-':<12} tags: {tags}{where}")
+    if workers is None:
+        typer.echo("(no running app server found: pass --app-url to see which workers serve what)")
+
+
+def _up_url(home: Path | None) -> str | None:
+    from tandem.up import STATE_FILE
+
+    state = (home or Path(".tandem")) / STATE_FILE
+    try:
+        return json.loads(state.read_text())["url"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _served_by(url: str | None, name: str) -> list[dict[str, Any]] | None:
+    """Each worker the app server knows, with the version it serves (None when nobody answers)."""
+    import urllib.request
+
+    if not url:
+        return None
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/v1/models", timeout=3) as r:
+            served = json.loads(r.read())["models"]
+    except (OSError, ValueError, KeyError):
+        return None
+    entry = next((m for m in served if m["name"] == name), None)
+    return (
+        []
+        if entry is None
+        else [
+            {"endpoint": w["endpoint"], "alive": w["alive"], "live": w.get("live"), "resident": w.get("versions")}
+            for w in entry["workers"]
+        ]
+    )
 
 
 def main() -> None:

@@ -25,6 +25,8 @@ from shared.settings import home_registry_uri
 logger = logging.getLogger("tandem.up")
 
 READY_TIMEOUT_S = 180.0
+STATE_FILE = "up.json"
+"""Written into the home while the stack runs, so other commands (``tandem models``) can find it."""
 GRACE_S = 15.0
 
 
@@ -72,8 +74,13 @@ class Stack:
         try:
             if not self._wait_ready(t0):
                 return 1
+            state = self.home / STATE_FILE
+            state.write_text(
+                json.dumps({"url": f"http://127.0.0.1:{self.port}", "pid": os.getpid(), "model": self.model})
+            )
             self._supervise()
         finally:
+            (self.home / STATE_FILE).unlink(missing_ok=True)
             self._stop()
         return 0
 

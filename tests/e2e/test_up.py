@@ -59,6 +59,14 @@ def test_up_is_ready_prints_a_working_curl_and_stops_cleanly(tmp_path):
         assert 0.0 <= body["predictions"][0] <= 1.0
         assert len(httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["models"][0]["workers"]) == 2
         assert len(_children_of(home, port)) == 3
+        listing = subprocess.run(
+            [sys.executable, "-m", "tandem", "models", "demo", "--home", home],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        (v1_line,) = [line for line in listing.splitlines() if line.startswith("demo v1")]
+        assert "production" in v1_line and v1_line.count("tcp://127.0.0.1:") == 2, listing
         # A crashed worker is restarted by the supervisor and rejoins the pool.
         victim = int(next(line for line in _children_of(home, port) if "--cache-dir" in line).split()[0])
         os.kill(victim, signal.SIGKILL)
