@@ -7,17 +7,29 @@ Requests are validated by a pydantic model generated from the spec, which also d
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    create_model,
+    field_validator,
+)
 
 from shared.errors import InvalidInput
 
 ENTITY_KEY = "entity_id"
+FLOAT32_LIMIT = 1e38
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
 class NumericFeature(BaseModel):
@@ -89,6 +101,23 @@ class FeatureSpec(BaseModel):
     input_name: str = "input"
     output_name: str = "probability"
 
+    @field_validator("features")
+    @classmethod
+    def _usable_names(cls, features: list[Any]) -> list[Any]:
+        """Names become request fields: refuse the ones pydantic cannot use, and duplicates, when the
+        spec is loaded rather than on every request."""
+        seen: set[str] = set()
+        for f in features:
+            if not _NAME.fullmatch(f.name) or hasattr(BaseModel, f.name) or f.name == ENTITY_KEY:
+                raise ValueError(
+                    f"feature name {f.name!r}: use letters, digits and _, starting with a letter, "
+                    f"not a pydantic attribute nor {ENTITY_KEY!r}"
+                )
+            if f.name in seen:
+                raise ValueError(f"feature {f.name!r} appears twice")
+            seen.add(f.name)
+        return features
+
     @property
     def width(self) -> int:
         return sum(f.width for f in self.features)
@@ -152,7 +181,9 @@ class Encoder:
                     x = np.clip(x, f.clip[0], f.clip[1])
                 if f.transform == "log1p":
                     x = np.log1p(np.maximum(x, 0.0))
-                out[:, offset] = (x - f.mean) / (f.std or 1.0)
+                # Clamped into float32's finite range: a huge but valid number (1e300) must not reach
+                # the model as inf.
+                out[:, offset] = np.clip((x - f.mean) / (f.std or 1.0), -FLOAT32_LIMIT, FLOAT32_LIMIT)
             elif isinstance(f, BooleanFeature):
                 out[:, offset] = np.asarray(values, dtype=bool)
             else:

@@ -146,3 +146,22 @@ def test_spec_round_trips_through_json():
 def test_predictions_are_scalars_for_single_column_outputs():
     assert predictions_from(np.array([[0.25], [0.5]], np.float32)) == [0.25, 0.5]
     assert predictions_from(np.array([[1, 2], [3, 4]], np.float32)) == [[1, 2], [3, 4]]
+
+
+@pytest.mark.parametrize("name", ["_private", "model_dump", "json", "entity_id", "has space", "1st", ""])
+def test_unusable_feature_names_are_refused_when_the_spec_loads(name):
+    with pytest.raises(ValidationError, match="feature name"):
+        FeatureSpec(features=[NumericFeature(name=name)])
+
+
+def test_duplicate_feature_names_are_refused():
+    with pytest.raises(ValidationError, match="appears twice"):
+        FeatureSpec(features=[NumericFeature(name="a"), BooleanFeature(name="a")])
+
+
+def test_huge_finite_numbers_stay_finite_in_float32():
+    x = SPEC.encoder.encode(
+        [{"amount": 1.0, "merchant": "a", "count": 1e300}, {"amount": 1.0, "merchant": "a", "count": -1e300}]
+    )
+    assert np.isfinite(x).all()
+    assert x[0, 1] > 1e30 and x[1, 1] < -1e30
