@@ -2,27 +2,8 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
-LATENCY_BUCKETS = (
-    0.0005,
-    0.001,
-    0.002,
-    0.003,
-    0.005,
-    0.0075,
-    0.01,
-    0.015,
-    0.02,
-    0.03,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-)
+from shared.metrics import LATENCY_BUCKETS
+
 FAST_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 HTTP_REQUESTS = Counter("tandem_http_requests_total", "HTTP requests by route and status code", ["route", "code"])

@@ -38,7 +38,7 @@ def _predictor(request: Request) -> Predictor:
     return request.app.state.predictor
 
 
-def _budget_s(request: Request, default_ms: float) -> float:
+def budget_s(request: Request, default_ms: float) -> float:
     raw = request.headers.get("x-timeout-ms")
     if raw is None:
         return default_ms / 1000
@@ -51,7 +51,8 @@ def _budget_s(request: Request, default_ms: float) -> float:
     return ms / 1000
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
+async def read_body(request: Request, max_bytes: int) -> bytearray:
+    """The request body, refused with 413 as soon as it passes ``max_bytes`` (never buffered past it)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise TooLarge(f"body: {declared} bytes, at most {max_bytes}")
@@ -60,6 +61,11 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         body += chunk
         if len(body) > max_bytes:
             raise TooLarge(f"body: more than {max_bytes} bytes")
+    return body
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    body = await read_body(request, max_bytes)
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -93,7 +99,7 @@ async def predict(request: Request) -> Response:
     settings = predictor.settings
     request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
     request.state.request_id = request_id
-    deadline = time.monotonic() + _budget_s(request, settings.timeout_ms)
+    deadline = time.monotonic() + budget_s(request, settings.timeout_ms)
     instances = predictor.check_body(await read_json(request, settings.max_body_bytes))
     work = asyncio.ensure_future(predictor.predict(instances, request_id, deadline))
     gone = asyncio.ensure_future(_disconnected(request))

@@ -28,7 +28,7 @@ from fastapi import APIRouter, Request, Response
 
 from app_server import metrics
 from app_server.predict import Predictor, Prepared
-from app_server.routes import MAX_TIMEOUT_MS, _budget_s
+from app_server.routes import MAX_TIMEOUT_MS, budget_s, read_body
 from app_server.workers import WorkerConn
 from shared.errors import InvalidInput, ModelError, ModelNotFound, NoWorkers, TandemError, TooLarge
 
@@ -200,14 +200,7 @@ async def model_ready(request: Request, name: str) -> Response:
 
 
 async def _read_body(request: Request, max_bytes: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise TooLarge(f"body: {declared} bytes, at most {max_bytes}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise TooLarge(f"body: more than {max_bytes} bytes")
+    body = await read_body(request, max_bytes)
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding in _DECOMPRESS_WBITS:  # tritonclient's request_compression_algorithm
         inflater = zlib.decompressobj(_DECOMPRESS_WBITS[encoding])
@@ -294,7 +287,7 @@ def _deadline(request: Request, header: dict[str, Any], default_ms: float) -> fl
     """``parameters.timeout`` (microseconds, as tritonclient's ``timeout=`` sends it) or ``X-Timeout-Ms``."""
     timeout_us = (header.get("parameters") or {}).get("timeout")
     if timeout_us is None:
-        return time.monotonic() + _budget_s(request, default_ms)
+        return time.monotonic() + budget_s(request, default_ms)
     if type(timeout_us) not in (int, float) or not 0 < timeout_us <= MAX_TIMEOUT_MS * 1000:
         raise InvalidInput(f"parameters.timeout: expected microseconds in (0, {MAX_TIMEOUT_MS * 1000:.0f}]")
     return time.monotonic() + timeout_us / 1e6

@@ -2,28 +2,7 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
-# Fine low-end buckets: a p99 of a few milliseconds must be readable.
-LATENCY_BUCKETS = (
-    0.0005,
-    0.001,
-    0.002,
-    0.003,
-    0.005,
-    0.0075,
-    0.01,
-    0.015,
-    0.02,
-    0.03,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-)
+from shared.metrics import LATENCY_BUCKETS
 
 BATCH_SIZE = Histogram(
     "tandem_batch_size", "Rows per executed batch", buckets=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512)
