@@ -53,7 +53,10 @@ class LoadedModel:
             "feature_spec": self.spec.model_dump(mode="json"),
             "input_example": self.input_example.get("instances", []),
             "inputs": [{"name": self.spec.input_name, "datatype": "FP32", "shape": [-1, self.spec.width]}],
-            "outputs": [{"name": n, "datatype": "FP32", "shape": [-1, -1]} for n in self.runner.output_names],
+            "outputs": [
+                {"name": n, "datatype": "FP32", "shape": shape}
+                for n, shape in zip(self.runner.output_names, self.runner.output_shapes, strict=True)
+            ],
         }
 
 

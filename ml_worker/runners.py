@@ -23,6 +23,8 @@ class Runner(Protocol):
     input_name: str
     input_width: int | None
     output_names: list[str]
+    output_shapes: list[list[int]]
+    """Per output, its shape with unknown (dynamic) dimensions as -1."""
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]: ...
 
@@ -95,6 +97,7 @@ class OnnxRunner:
         width = inp.shape[-1] if len(inp.shape) == 2 else None
         self.input_width = width if isinstance(width, int) else None
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_shapes = [[d if isinstance(d, int) else -1 for d in o.shape] for o in self.session.get_outputs()]
         self.intra_op_threads = options.intra_op_num_threads
         self._ort = ort
         self._binding = self.session.io_binding() if self.device == "cuda" else None
@@ -155,6 +158,7 @@ class TorchScriptRunner:
         self.input_name = input_name
         self.input_width = None
         self.output_names = [output_name]
+        self.output_shapes = [[-1, -1]]  # TorchScript does not declare it
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         with self._torch.inference_mode():

@@ -77,7 +77,7 @@ def test_tritonclient_reads_health_and_metadata(client, spec, demo_registry):
     meta = client.get_model_metadata("demo")
     assert meta["name"] == "demo" and meta["versions"] == [version] and meta["platform"] == "onnxruntime"
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, spec.width]}]
-    assert [(o["name"], o["datatype"]) for o in meta["outputs"]] == [("probability", "FP32")]
+    assert [(o["name"], o["datatype"], o["shape"]) for o in meta["outputs"]] == [("probability", "FP32", [-1, 1])]
     assert client.get_model_metadata("demo", version) == meta
     assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
     config = client.get_model_config("demo")
