@@ -19,6 +19,7 @@ from ml_worker import metrics
 from ml_worker.runners import OnnxRunner, Runner, TorchScriptRunner
 from shared.errors import ModelError
 from shared.features import FeatureSpec, load_spec, predictions_from
+from shared.protocol import DTYPES
 from shared.registry import model_files, read_input_example
 
 logger = logging.getLogger(__name__)
@@ -106,9 +107,13 @@ def _check(model: LoadedModel) -> None:
         raise ModelCheckFailed(f"{where}: input example has no instances or no expected predictions")
     x = spec.encoder.encode(instances)
     try:
-        out = runner.run(x)[spec.output_name]
+        outputs = runner.run(x)
+        out = outputs[spec.output_name]
     except Exception as exc:
         raise ModelCheckFailed(f"{where}: running the input example failed: {exc}") from exc
+    bad = {n: o.dtype.name for n, o in outputs.items() if o.dtype.name not in DTYPES}
+    if bad:
+        raise ModelCheckFailed(f"{where}: outputs the wire cannot carry: {bad}")
     if out.shape[0] != len(instances):
         raise ModelCheckFailed(f"{where}: {len(instances)} example rows gave output shape {out.shape}")
     got = predictions_from(out)

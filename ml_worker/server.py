@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import tempfile
 import time
@@ -101,7 +102,7 @@ class WorkerServer:
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self.sock.close(linger=0)
+        self.sock.close(linger=500)  # let the last replies of a drain leave
         self._ctx.term()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -134,23 +135,26 @@ class WorkerServer:
         while True:
             frames = await self.sock.recv_multipart(copy=False)
             for _ in range(RECEIVE_BURST):
-                try:
-                    self._handle(frames[0].bytes, frames[1:])
-                except Exception:  # a bug in handling one message must not stop the worker
-                    logger.exception("unhandled error handling a message")
+                self._handle_safely(frames)
                 try:
                     frames = sync.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
             else:
-                self._handle_last(frames)
+                self._handle_safely(frames)
             self.pump()
 
-    def _handle_last(self, frames: list[Any]) -> None:
+    def _handle_safely(self, frames: list[Any]) -> None:
+        """A message that breaks handling still gets an answer, and never stops the loop."""
         try:
             self._handle(frames[0].bytes, frames[1:])
-        except Exception:
+        except Exception as exc:
             logger.exception("unhandled error handling a message")
+            msg_id = None
+            with contextlib.suppress(Exception):
+                msg_id = protocol.parse_request(frames[1:]).id
+            with contextlib.suppress(Exception):
+                self._send(frames[0].bytes, protocol.reply(msg_id, Status.ERROR, message=f"worker error: {exc}"))
 
     def _handle(self, ident: bytes, frames: list[Any]) -> None:
         try:
@@ -213,7 +217,7 @@ class WorkerServer:
         if seed := getattr(self.batcher, "seed", None):
             seed(model.version, model.warm_timings)
         x = msg.tensors.get(model.spec.input_name)
-        if x is None or x.ndim != 2 or x.shape[1] != model.spec.width or x.dtype != np.float32:
+        if x is None or x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != model.spec.width or x.dtype != np.float32:
             metrics.REQUESTS.labels("bad_request").inc()
             got = f"{x.dtype}{list(x.shape)}" if x is not None else "nothing"
             self._send(
@@ -222,11 +226,19 @@ class WorkerServer:
                     msg.id,
                     Status.BAD_REQUEST,
                     version=model.version,
-                    message=f"{model.spec.input_name!r} must be float32[n, {model.spec.width}], got {got}",
+                    message=f"{model.spec.input_name!r} must be float32[n, {model.spec.width}], n >= 1, got {got}",
                 ),
             )
             return
-        budget_s = float(header.get("budget_ms") or 0) / 1000
+        budget = header.get("budget_ms")
+        if not isinstance(budget, int | float) or isinstance(budget, bool) or not math.isfinite(budget):
+            metrics.REQUESTS.labels("bad_request").inc()
+            self._send(
+                ident,
+                protocol.reply(msg.id, Status.BAD_REQUEST, message=f"budget_ms must be a number, got {budget!r:.40}"),
+            )
+            return
+        budget_s = budget / 1000
         if budget_s <= 0:
             metrics.REQUESTS.labels("expired").inc()
             self._send(
@@ -254,6 +266,13 @@ class WorkerServer:
         """Ask the batcher what to do now: answer expired requests, start batches while a slot is
         free, and set one timer for the moment it says to look again. Called after every burst of
         arrivals, every finished batch, and by that timer: no task wakes up per request."""
+        try:
+            self._pump()
+        except Exception:  # a batcher bug must not take the receive loop (and the worker) down
+            logger.exception("batcher failed; retrying shortly")
+            self._timer = asyncio.get_running_loop().call_later(0.01, self.pump)
+
+    def _pump(self) -> None:
         now = time.monotonic()
         while True:
             poll = self.batcher.poll(now, self._in_flight < self.settings.batches_in_flight)
@@ -341,9 +360,16 @@ class WorkerServer:
                 )
             out = {name: o[offset : offset + n] for name, o in outputs.items()}
             offset += n
-            self._send(
-                p.reply_to, protocol.reply(p.msg_id, Status.OK, version=model.version, outputs=out, timing=timing)
-            )
+            try:
+                frames = protocol.reply(p.msg_id, Status.OK, version=model.version, outputs=out, timing=timing)
+            except Exception as exc:  # e.g. an output dtype the wire cannot carry: answered, not lost
+                frames = protocol.reply(
+                    p.msg_id,
+                    Status.ERROR,
+                    version=model.version,
+                    message=f"model {model.name} v{model.version}: cannot send outputs: {exc}",
+                )
+            self._send(p.reply_to, frames)
 
     def _delayed(self, run: Any) -> Any:
         delay_s = self.settings.debug_delay_ms / 1000
@@ -361,10 +387,9 @@ class WorkerServer:
 
     def _send(self, ident: bytes, frames: list[Any]) -> None:
         """Reply without awaiting: a ROUTER send completes at once (or drops for a vanished peer)."""
-        try:
-            self.sock.send_multipart([ident, *frames], copy=False)
-        except zmq.ZMQError as exc:  # the peer vanished: its answer has nobody to go to
-            logger.warning("could not send reply: %s", exc)
+        sent = self.sock.send_multipart([ident, *frames], copy=False)
+        if sent.done() and not sent.cancelled() and sent.exception() is not None:
+            logger.warning("could not send reply: %s", sent.exception())
 
 
 async def run_worker(settings: WorkerSettings) -> None:

@@ -76,6 +76,21 @@ async def test_infer_ping_and_describe(model_dir, demo_registry):
         assert desc.header["describe"]["input_example"]
 
 
+WIDTH = 35  # the demo model's encoded width
+
+
+def _infer_header(shape=(1, WIDTH), **fields):
+    return {
+        "v": 1,
+        "kind": "infer",
+        "id": "g1",
+        "budget_ms": 100,
+        "version": "1",
+        "inputs": [{"name": "input", "dtype": "float32", "shape": list(shape)}],
+        **fields,
+    }
+
+
 @pytest.mark.parametrize(
     "frames",
     [
@@ -118,6 +133,12 @@ async def test_infer_ping_and_describe(model_dir, demo_registry):
             ),
             b"\x00" * 4,
         ],
+        # Zero rows: once crashed the batcher (and with it the worker).
+        [msgpack.packb(_infer_header(shape=[0, WIDTH])), b""],
+        # Budgets that are not numbers.
+        [msgpack.packb(_infer_header(budget_ms="abc")), b"\x00" * 4 * WIDTH],
+        [msgpack.packb(_infer_header(budget_ms=float("nan"))), b"\x00" * 4 * WIDTH],
+        [msgpack.packb(_infer_header(budget_ms=[1])), b"\x00" * 4 * WIDTH],
     ],
 )
 async def test_garbage_gets_bad_request_and_the_worker_keeps_serving(model_dir, demo_registry, frames):
