@@ -8,6 +8,7 @@ worker serves, and names that version on the wire. If the worker swapped meanwhi
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -233,7 +234,20 @@ class Predictor:
                     raise last_error from None
                 raise
             target = version or conn.live_versions[model] or ""
-            p = await prepare(conn, target)
+            try:
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
+                    p = await prepare(conn, target)  # may ask the worker for the version's feature spec
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise DeadlineExceeded(f"deadline passed preparing the request for v{target}") from None
+                last_error = NoWorkers(f"{conn.endpoint} did not describe v{target} in time")
+                excluded.add(conn.endpoint)
+                continue
+            except WorkerLost as exc:
+                metrics.RETRIES.labels("worker_lost").inc()
+                excluded.add(conn.endpoint)
+                last_error = NoWorkers(exc.message)
+                continue
             if p.todo is not None and p.todo.size == 0:
                 return None, p
             remaining = deadline - time.monotonic()
@@ -260,7 +274,8 @@ class Predictor:
                     excluded.add(conn.endpoint)
                 last_error = from_wire(status, reply.header.get("message", ""))
                 continue
-            if status == Status.OVERLOADED and len(self.pool.candidates(model)) > len(excluded) + 1:
+            others = [c for c in self.pool.candidates(model) if c is not conn and c.endpoint not in excluded]
+            if status == Status.OVERLOADED and others:
                 metrics.RETRIES.labels("overloaded").inc()
                 excluded.add(conn.endpoint)
                 last_error = from_wire(status, reply.header.get("message", ""))

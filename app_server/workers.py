@@ -11,9 +11,9 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -24,7 +24,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from app_server import metrics
 from shared import protocol
-from shared.errors import NoWorkers, TandemError
+from shared.errors import NoWorkers, TandemError, from_wire
 from shared.protocol import Kind, Status
 from shared.settings import AppSettings
 from shared.transport import make_socket
@@ -33,12 +33,13 @@ logger = logging.getLogger(__name__)
 
 MISSED_HEARTBEATS = 3
 RECEIVE_BURST = 256
+TRANSIT_MARGIN_MS = 2.0
 
 
 class WorkerLost(TandemError):
     """The worker holding a call left the pool or refused the message; the call may be retried."""
 
-    http_status, code = 503, "no_workers"
+    http_status, code, retry_after_s = 503, "no_workers", 1.0
 
 
 @dataclass(eq=False)
@@ -57,6 +58,8 @@ class WorkerConn:
     est_wait_ms: float = 0.0
     device: str | None = None
     draining: bool = False
+    unanswered: int = 0
+    """Pings sent since the last reply of any kind."""
     removed: bool = False
     """Gone from discovery: no new calls; the socket closes once its calls are answered."""
     rtt_ewma_s: float = 0.0
@@ -95,7 +98,8 @@ class WorkerPool:
         self._ctx = zmq.asyncio.Context()
         self.conns: dict[str, WorkerConn] = {}
         self._ids = itertools.count()
-        self._prefix = f"{os.getpid():x}-{id(self):x}-"
+        # Unique across app server replicas (pids repeat across containers): a cancel names one call.
+        self._prefix = f"{uuid.uuid4().hex[:12]}-"
         self._tasks: list[asyncio.Task[None]] = []
         self._describe_cache: dict[tuple[str, str], dict[str, Any]] = {}
 
@@ -182,12 +186,18 @@ class WorkerPool:
                     self._remove(conn)
                     logger.info("worker %s removed", conn.endpoint)
                     continue
-                if conn.alive and now - conn.last_seen > MISSED_HEARTBEATS * self.interval:
+                # Pings sent and unanswered, not just wall-clock silence: if this event loop itself stalls
+                # (GC, CPU starvation), no pings go out meanwhile and no worker is wrongly declared dead.
+                silent = now - conn.last_seen > MISSED_HEARTBEATS * self.interval
+                if conn.alive and silent and conn.unanswered >= MISSED_HEARTBEATS:
                     conn.alive = False
                     logger.warning("worker %s missed %d heartbeats; out of the pool", conn.endpoint, MISSED_HEARTBEATS)
                     self._fail_pending(conn, "worker stopped answering heartbeats")
-                with contextlib.suppress(zmq.Again):  # not connected: it stays out until it answers
+                try:
                     _send_now(conn, protocol.request(Kind.PING, self._next_id()))
+                    conn.unanswered += 1
+                except zmq.Again:
+                    pass  # not connected: it stays out until it answers
             metrics.WORKERS_READY.set(sum(c.alive for c in self.conns.values()))
             await asyncio.sleep(self.interval)
 
@@ -224,8 +234,12 @@ class WorkerPool:
             logger.warning("unparseable reply from %s: %s", conn.endpoint, exc)
             return
         if "models" in msg.header and msg.header.get("status") == Status.OK and not msg.tensors:
-            self._on_pong(conn, msg.header)
+            try:
+                self._on_pong(conn, msg.header)
+            except Exception:  # a malformed heartbeat must not end this worker's receive loop
+                logger.exception("bad heartbeat from %s", conn.endpoint)
         conn.last_seen = time.monotonic()
+        conn.unanswered = 0
         fut = conn.pending.pop(msg.id, None)
         if fut is not None and not fut.done():
             fut.set_result(msg)
@@ -298,7 +312,9 @@ class WorkerPool:
             msg_id,
             model=model,
             version=version,
-            budget_ms=budget_s * 1000,
+            # The worker's clock starts when the message arrives: leave it a little less than ours so
+            # its deadline never falls after the moment this call gives up (transit, queueing here).
+            budget_ms=budget_s * 1000 - min(TRANSIT_MARGIN_MS, budget_s * 100),
             inputs=inputs,
             request_id=request_id,
         )
@@ -326,8 +342,6 @@ class WorkerPool:
             conn, protocol.request(Kind.DESCRIBE, msg_id, model=model, version=version), msg_id, timeout_s
         )
         if reply.header.get("status") != Status.OK:
-            from shared.errors import from_wire
-
             raise from_wire(reply.header["status"], reply.header.get("message", ""))
         desc = reply.header["describe"]
         self._describe_cache[key] = desc

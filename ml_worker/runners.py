@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -105,10 +106,14 @@ class OnnxRunner:
         tails = [o.shape[1:] for o in self.session.get_outputs()]
         self._out_tails = [tuple(t) if all(isinstance(d, int) for d in t) else None for t in tails]
         self._device_buffers: dict[int, tuple[Any, list[Any]]] = {}
+        # One binding and one set of device buffers: with several batches in flight, two executor
+        # threads would overwrite each other's inputs and outputs without this.
+        self._cuda_lock = threading.Lock()
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         if self._binding is not None:
-            return self._run_cuda(np.ascontiguousarray(x))
+            with self._cuda_lock:
+                return self._run_cuda(np.ascontiguousarray(x))
         outputs = self.session.run(self.output_names, {self.input_name: x})
         return dict(zip(self.output_names, outputs, strict=True))
 

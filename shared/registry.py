@@ -164,9 +164,14 @@ def download(uri: str, ref: VersionRef, cache_dir: Path) -> Path:
         path = Path(
             mlflow.artifacts.download_artifacts(artifact_uri=ref.source, dst_path=str(staging), tracking_uri=uri)
         )
-        if target.exists():
-            shutil.rmtree(target)
-        path.rename(target)  # atomic: a half-downloaded folder is never taken for a complete one
+        if not (target / "MLmodel").exists():  # another worker sharing the cache may have finished first
+            if target.exists():
+                shutil.rmtree(target)  # an incomplete leftover, never a complete version someone loads
+            try:
+                path.rename(target)  # atomic: a half-downloaded folder is never taken for a complete one
+            except OSError:
+                if not (target / "MLmodel").exists():
+                    raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
