@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from shared import logs
-from shared.settings import AppSettings, CommonSettings, WorkerSettings
+from shared.settings import DEFAULT_HOME, AppSettings, CommonSettings, WorkerSettings
 from tandem.features_cli import app as features_app
 
 app = typer.Typer(
@@ -112,7 +112,7 @@ def app_server(
 
 @app.command()
 def up(
-    home: Annotated[Path, typer.Option(help="Registry, artifacts and cache live here.")] = Path(".tandem"),
+    home: Annotated[Path | None, typer.Option(help="Registry, artifacts and cache (default ./.tandem).")] = None,
     port: Annotated[int, typer.Option(help="App server HTTP port.")] = 8000,
     workers: Annotated[int, typer.Option(help="Worker processes.")] = 2,
     model: Annotated[str, typer.Option()] = "demo",
@@ -120,31 +120,37 @@ def up(
     poll_interval: Annotated[float | None, typer.Option()] = None,
     max_batch_size: Annotated[int | None, typer.Option()] = None,
     max_latency_ms: Annotated[float | None, typer.Option()] = None,
+    max_queue: Annotated[int | None, typer.Option()] = None,
     batcher: Annotated[str | None, typer.Option()] = None,
+    batches_in_flight: Annotated[int | None, typer.Option()] = None,
+    target_utilization: Annotated[float | None, typer.Option()] = None,
     device: Annotated[str | None, typer.Option()] = None,
     alias: Annotated[str | None, typer.Option()] = None,
     tag: Annotated[str | None, typer.Option()] = None,
+    keep_previous_s: Annotated[float | None, typer.Option()] = None,
+    intra_op_threads: Annotated[int | None, typer.Option()] = None,
+    drain_grace_s: Annotated[float | None, typer.Option()] = None,
+    drain_timeout_s: Annotated[float | None, typer.Option()] = None,
+    log_requests: Annotated[bool | None, typer.Option("--log-requests")] = None,
 ) -> None:
-    """Everything local: registry, demo model, N workers and one app server. Ctrl-C stops it all."""
+    """Everything local: registry, demo model, N workers and one app server. Ctrl-C stops it all.
+
+    The registry is found like every other command's (--registry-uri, TANDEM_REGISTRY_URI,
+    MLFLOW_TRACKING_URI, else the --home registry), so `tandem promote` acts on the one this stack uses.
+    """
+    flags = dict(locals())
     from tandem.up import Stack
 
     logs.configure("INFO", "text", "up")
-    worker_flags = {
-        "poll-interval": poll_interval,
-        "max-batch-size": max_batch_size,
-        "max-latency-ms": max_latency_ms,
-        "batcher": batcher,
-        "device": device,
-        "alias": alias,
-        "tag": tag,
-    }
+    passed_on = {k: v for k, v in flags.items() if k not in ("home", "port", "workers", "model", "registry_uri")}
+    worker_flags = {k.replace("_", "-"): ("" if v is True else str(v)) for k, v in passed_on.items() if v is not None}
     stack = Stack(
-        home=home,
+        home=home or DEFAULT_HOME,
         port=port,
         workers=workers,
         model=model,
-        registry_uri=registry_uri,
-        worker_flags={k: str(v) for k, v in worker_flags.items() if v is not None},
+        registry_uri=registry_uri_for_write(registry_uri, home),
+        worker_flags=worker_flags,
     )
     sys.exit(stack.run())
 

@@ -123,7 +123,7 @@ class Stack:
                 str(free_port()),
             ]
             for flag, value in self.worker_flags.items():
-                argv += [f"--{flag}", value]
+                argv += [f"--{flag}", value] if value else [f"--{flag}"]  # "" marks a boolean switch
             self.children.append(Child(f"worker-{i}", argv))
         self.children.append(
             Child(
