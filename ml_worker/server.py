@@ -23,6 +23,7 @@ import zmq
 import zmq.asyncio
 
 from ml_worker import metrics
+from ml_worker.adaptive import AdaptiveBatcher
 from ml_worker.batcher import Batcher, Pending, SimpleBatcher
 from ml_worker.models import LoadedModel, ModelStore
 from ml_worker.registry_watch import RegistryWatcher
@@ -44,17 +45,12 @@ EXPIRED = "deadline passed, or could no longer be met, while queued"
 
 def make_batcher(settings: WorkerSettings) -> Batcher:
     if settings.batcher == "adaptive":
-        try:
-            from ml_worker.adaptive import AdaptiveBatcher
-        except ImportError:
-            logger.warning("adaptive batcher unavailable; using the simple one")
-        else:
-            return AdaptiveBatcher(
-                max_batch_size=settings.max_batch_size,
-                max_latency_s=settings.max_latency_ms / 1000,
-                max_queue=settings.max_queue,
-                target_utilization=settings.target_utilization,
-            )
+        return AdaptiveBatcher(
+            max_batch_size=settings.max_batch_size,
+            max_latency_s=settings.max_latency_ms / 1000,
+            max_queue=settings.max_queue,
+            target_utilization=settings.target_utilization,
+        )
     return SimpleBatcher(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue)
 
 
