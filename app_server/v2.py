@@ -29,7 +29,7 @@ from fastapi import APIRouter, Request, Response
 from app_server import metrics
 from app_server.predict import Predictor, Prepared
 from app_server.routes import MAX_TIMEOUT_MS, budget_s, read_body
-from app_server.workers import WorkerConn
+from app_server.workers import WorkerConn, WorkerLost
 from shared.errors import InvalidInput, ModelError, ModelNotFound, NoWorkers, TandemError, TooLarge
 
 logger = logging.getLogger(__name__)
@@ -358,6 +358,10 @@ async def infer(request: Request, name: str) -> Response:
     async def prepare(conn: WorkerConn, target: str) -> Prepared:
         sig = (await predictor.pool.describe(conn, model, target))["inputs"][0]
         if sig["name"] != desc["inputs"][0]["name"] or sig["shape"][-1] != x.shape[1]:
+            if version is None:
+                # Mid-rollout: this worker still (or already) serves a version with another input than
+                # the one the tensor was checked against. Not the caller's fault: try another worker.
+                raise WorkerLost(f"{conn.endpoint} serves v{target}, whose input differs; trying another worker")
             raise InvalidInput(f"model {model} v{target} now takes {sig['name']!r} of shape {sig['shape']}")
         return Prepared(target, x, sig["name"], wanted[0][0] if wanted else "")
 

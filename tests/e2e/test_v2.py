@@ -199,3 +199,34 @@ def test_no_workers_is_503_with_retry_after(tmp_path):
         assert r.status_code == 503 and "no live worker" in r.json()["error"] and r.headers["retry-after"]
     finally:
         a.stop()
+
+
+def test_unpinned_infer_during_a_rollout_skips_workers_on_a_version_with_another_input(stack, demo_registry, tmp_path):
+    """Mid-rollout one worker serves v1 (35 inputs) and another v2 (36): a tensor shaped for the newest
+    version must never be refused because it was routed to the older one."""
+    from shared import registry
+    from shared.settings import home_registry_uri
+    from tandem.demo import build_model_dir
+
+    (tmp_path / "reg").mkdir()
+    uri = home_registry_uri(tmp_path / "reg")
+    v1 = registry.download(demo_registry.uri, demo_registry.version, tmp_path / "dl")
+    registry.register(uri, "demo", v1)
+    v2 = registry.register(
+        uri, "demo", build_model_dir(tmp_path / "v2", seed=11, variant=True, rows=2000, epochs=1), alias_if_first=None
+    )
+    registry.set_alias(uri, "demo", "candidate", v2.version)
+    old = stack.worker(uri)  # follows @production: v1
+    new = stack.worker(uri, "--alias", "candidate")  # v2
+    a = stack.app([old.endpoint, new.endpoint])
+    wait_ready(a)
+    wait_for(
+        lambda: sorted(w["live"] for w in httpx.get(f"{a.url}/v1/models").json()["models"][0]["workers"]) == ["1", "2"],
+        15,
+        what="one worker per version",
+    )
+    width = httpx.get(f"{a.url}/v2/models/demo").json()["inputs"][0]["shape"][1]
+    body = {"inputs": [{"name": "input", "shape": [1, width], "datatype": "FP32", "data": [0.0] * width}]}
+    answers = [httpx.post(f"{a.url}/v2/models/demo/infer", json=body) for _ in range(12)]
+    assert [r.status_code for r in answers] == [200] * 12, answers[0].text
+    assert {r.json()["model_version"] for r in answers} == {"2"}
