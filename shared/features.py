@@ -7,6 +7,7 @@ Requests are validated by a pydantic model generated from the spec, which also d
 
 from __future__ import annotations
 
+import math
 import re
 import zlib
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,8 @@ from shared.errors import InvalidInput
 
 ENTITY_KEY = "entity_id"
 FLOAT32_LIMIT = 1e38
+ROW_PATH_MAX_ROWS = 16
+"""Requests up to this many rows are encoded value by value; bigger ones (and training data) by column."""
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
@@ -168,8 +171,53 @@ class Encoder:
 
     def encode(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """Encode request rows (``None`` or absent means missing). Raises InvalidInput with a path."""
+        if len(rows) <= ROW_PATH_MAX_ROWS:
+            return self.encode_rows(rows)
         columns = {f.name: [row.get(f.name) for row in rows] for f in self.spec.features}
         return self.encode_columns(columns, len(rows))
+
+    def encode_rows(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """The same encoding as :meth:`encode_columns`, computed with Python floats one value at a time.
+
+        A serving request is usually one row, and for one row numpy's per-call overhead (a dozen
+        small arrays, clips and fancy indexing per feature) is most of the cost: this path is about
+        six times cheaper there, and it is the app server's hottest code. It follows numpy's
+        semantics exactly (NaN passes clips and ``max``, infinities clamp to the float32 range) and is
+        checked against the vectorised path by a property test.
+        """
+        width = self.width
+        index: list[int] = []
+        value: list[float] = []
+        for r, row in enumerate(rows):
+            base = r * width
+            for f, offset in zip(self.spec.features, self._offsets, strict=True):
+                v = row.get(f.name)
+                if v is None:
+                    if f.default is None:
+                        raise _required(r, f.name)
+                    v = f.default
+                if isinstance(f, NumericFeature):
+                    x = float(v)
+                    if f.clip is not None:
+                        lo, hi = f.clip
+                        x = lo if x < lo else hi if x > hi else x
+                    if f.transform == "log1p":
+                        x = math.log1p(max(x, 0.0))  # max(nan, 0.0) is nan, as np.maximum's
+                    x = (x - f.mean) / (f.std or 1.0)
+                    index.append(base + offset)
+                    value.append(FLOAT32_LIMIT if x > FLOAT32_LIMIT else -FLOAT32_LIMIT if x < -FLOAT32_LIMIT else x)
+                elif isinstance(f, BooleanFeature):
+                    index.append(base + offset)
+                    value.append(1.0 if v else 0.0)
+                elif isinstance(f, CategoricalFeature):
+                    index.append(base + offset + self._vocab[f.name].get(v, len(f.vocabulary)))
+                    value.append(1.0)
+                else:
+                    index.append(base + offset + zlib.crc32(str(v).encode()) % f.buckets)
+                    value.append(1.0)
+        out = np.zeros(len(rows) * width, dtype=np.float32)
+        out[index] = value
+        return out.reshape(len(rows), width)
 
     def encode_columns(self, columns: Mapping[str, Sequence[Any] | np.ndarray], n: int) -> np.ndarray:
         out = np.zeros((n, self.width), dtype=np.float32)
@@ -204,13 +252,16 @@ def _fill_missing(f: Any, values: Sequence[Any] | np.ndarray | None, n: int) -> 
         return values
     if any(v is None for v in values):
         if f.default is None:
-            row = next(i for i, v in enumerate(values) if v is None)
-            raise InvalidInput(
-                f"instances[{row}].{f.name}: required (no value given, stored or default)",
-                details=[{"loc": f"instances[{row}].{f.name}", "msg": "required"}],
-            )
+            raise _required(next(i for i, v in enumerate(values) if v is None), f.name)
         values = [f.default if v is None else v for v in values]
     return values
+
+
+def _required(row: int, name: str) -> InvalidInput:
+    return InvalidInput(
+        f"instances[{row}].{name}: required (no value given, stored or default)",
+        details=[{"loc": f"instances[{row}].{name}", "msg": "required"}],
+    )
 
 
 def predictions_from(out: np.ndarray) -> list[Any]:
