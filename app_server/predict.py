@@ -143,6 +143,7 @@ class Predictor:
         self.cache = cache
         self.specs = VersionSpecs(pool)
         self.in_flight = 0
+        metrics.IN_FLIGHT.set_function(lambda: self.in_flight)  # read at scrape time, not set per request
 
     def check_body(self, body: Any) -> list[Any]:
         """Shape checks that need no feature spec: answered before any worker is involved."""
@@ -181,12 +182,10 @@ class Predictor:
         if self.in_flight >= self.settings.max_in_flight:
             raise Overloaded(f"app server holds {self.in_flight} requests already")
         self.in_flight += 1
-        metrics.IN_FLIGHT.set(self.in_flight)
         try:
             yield
         finally:
             self.in_flight -= 1
-            metrics.IN_FLIGHT.set(self.in_flight)
 
     async def predict(self, instances: list[Any], request_id: str, deadline: float) -> dict[str, Any]:
         with self.admitted():

@@ -14,6 +14,7 @@ import logging
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -65,6 +66,8 @@ class WorkerConn:
     rtt_ewma_s: float = 0.0
     monitor: zmq.asyncio.Socket | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    outbox: list[tuple[str, list[Any]]] = field(default_factory=list)
+    """Inference requests to send at the end of this event-loop turn, in one envelope."""
 
     @property
     def outstanding(self) -> int:
@@ -89,6 +92,11 @@ def _send_now(conn: WorkerConn, frames: list[Any]) -> None:
         sent.result()  # raises zmq.Again / ZMQError now
     else:  # pragma: no cover - NOBLOCK sends complete at once
         sent.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 class WorkerPool:
@@ -229,7 +237,16 @@ class WorkerPool:
 
     def _on_reply(self, conn: WorkerConn, frames: list[Any]) -> None:
         try:
-            msg = protocol.parse_reply(frames)
+            replies = protocol.split(frames)
+        except TandemError as exc:
+            logger.warning("unparseable reply from %s: %s", conn.endpoint, exc)
+            return
+        for header, reply in replies:
+            self._on_one_reply(conn, reply, header)
+
+    def _on_one_reply(self, conn: WorkerConn, frames: Sequence[Any], header: dict[str, Any] | None) -> None:
+        try:
+            msg = protocol.parse_reply(frames, header)
         except TandemError as exc:
             logger.warning("unparseable reply from %s: %s", conn.endpoint, exc)
             return
@@ -286,22 +303,51 @@ class WorkerPool:
             raise NoWorkers(f"no live worker serves model {model!r}")
         return min(choices, key=lambda c: (c.outstanding + c.queue_depth, c.est_wait_ms + 1000 * c.rtt_ewma_s))
 
-    async def call(self, conn: WorkerConn, frames: list[Any], msg_id: str, timeout_s: float) -> protocol.Message:
-        fut: asyncio.Future[protocol.Message] = asyncio.get_running_loop().create_future()
+    async def call(
+        self, conn: WorkerConn, frames: list[Any], msg_id: str, timeout_s: float, *, enveloped: bool = False
+    ) -> protocol.Message:
+        """Send one request and await its reply. ``enveloped``: leave at the end of this event-loop turn
+        with the other requests to the same worker made meanwhile, in one envelope."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[protocol.Message] = loop.create_future()
         conn.pending[msg_id] = fut
+        if enveloped:
+            if not conn.outbox:
+                loop.call_soon(self._flush, conn)
+            conn.outbox.append((msg_id, frames))
+        else:
+            try:
+                _send_now(conn, frames)
+            except zmq.Again:
+                conn.pending.pop(msg_id, None)
+                raise WorkerLost(f"{conn.endpoint}: not connected") from None
+        # A timer that fails the future itself: asyncio.wait_for would add a second future and two
+        # callbacks per call, on the app server's hottest path.
+        timer = loop.call_later(timeout_s, _expire, fut)
         try:
-            _send_now(conn, frames)
-        except zmq.Again:
-            conn.pending.pop(msg_id, None)
-            raise WorkerLost(f"{conn.endpoint}: not connected") from None
-        try:
-            return await asyncio.wait_for(fut, timeout=timeout_s)
+            return await fut
         except (TimeoutError, asyncio.CancelledError):
             # Nobody waits for this answer any more: let the worker drop it before it is batched.
             self.cancel(conn, msg_id)
             raise
         finally:
+            timer.cancel()
             conn.pending.pop(msg_id, None)
+
+    def _flush(self, conn: WorkerConn) -> None:
+        """Send the requests queued this turn (those still awaited): one envelope, or the message itself."""
+        queued, conn.outbox = conn.outbox, []
+        live = [(i, frames) for i, frames in queued if (fut := conn.pending.get(i)) is not None and not fut.done()]
+        if not live:
+            return
+        try:
+            _send_now(conn, live[0][1] if len(live) == 1 else protocol.pack_batch([f for _, f in live]))
+        except zmq.ZMQError as exc:  # zmq.Again: not connected (IMMEDIATE); the calls fail over
+            reason = "not connected" if isinstance(exc, zmq.Again) else f"send failed: {exc}"
+            for msg_id, _ in live:
+                fut = conn.pending.get(msg_id)
+                if fut is not None and not fut.done():
+                    fut.set_exception(WorkerLost(f"{conn.endpoint}: {reason}"))
 
     async def infer(
         self, conn: WorkerConn, model: str, version: str, inputs: dict[str, Any], budget_s: float, request_id: str
@@ -317,10 +363,11 @@ class WorkerPool:
             budget_ms=budget_s * 1000 - min(TRANSIT_MARGIN_MS, budget_s * 100),
             inputs=inputs,
             request_id=request_id,
+            batch_replies=True,
         )
         t0 = time.monotonic()
         try:
-            return await self.call(conn, frames, msg_id, budget_s)
+            return await self.call(conn, frames, msg_id, budget_s, enveloped=True)
         finally:
             rtt = time.monotonic() - t0
             conn.rtt_ewma_s = rtt if not conn.rtt_ewma_s else 0.8 * conn.rtt_ewma_s + 0.2 * rtt

@@ -28,6 +28,8 @@ class Pending:
     reply_to: Any = None
     """Opaque routing data for the server (the ZeroMQ identity)."""
     request_id: str = ""
+    batch_replies: bool = False
+    """The caller takes this reply in one envelope with others of the same batch (``protocol.pack_batch``)."""
 
     @property
     def rows(self) -> int:

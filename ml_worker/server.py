@@ -14,6 +14,7 @@ import math
 import signal
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -141,20 +142,30 @@ class WorkerServer:
             self.pump()
 
     def _handle_safely(self, frames: list[Any]) -> None:
-        """A message that breaks handling still gets an answer, and never stops the loop."""
+        """A message that breaks handling still gets an answer, and never stops the loop. An envelope
+        of several (``protocol.split``) is handled one message at a time."""
+        ident = frames[0].bytes
         try:
-            self._handle(frames[0].bytes, frames[1:])
-        except Exception as exc:
-            logger.exception("unhandled error handling a message")
-            msg_id = None
-            with contextlib.suppress(Exception):
-                msg_id = protocol.parse_request(frames[1:]).id
-            with contextlib.suppress(Exception):
-                self._send(frames[0].bytes, protocol.reply(msg_id, Status.ERROR, message=f"worker error: {exc}"))
+            messages = protocol.split(frames[1:])
+        except ProtocolError as exc:
+            metrics.REQUESTS.labels("bad_request").inc()
+            logger.warning("bad message: %s", exc.message)
+            self._send(ident, protocol.reply(None, Status.BAD_REQUEST, message=exc.message))
+            return
+        for header, message in messages:
+            try:
+                self._handle(ident, message, header)
+            except Exception as exc:
+                logger.exception("unhandled error handling a message")
+                msg_id = None
+                with contextlib.suppress(Exception):
+                    msg_id = protocol.parse_request(message).id
+                with contextlib.suppress(Exception):
+                    self._send(ident, protocol.reply(msg_id, Status.ERROR, message=f"worker error: {exc}"))
 
-    def _handle(self, ident: bytes, frames: list[Any]) -> None:
+    def _handle(self, ident: bytes, frames: Sequence[Any], header: dict[str, Any] | None = None) -> None:
         try:
-            msg = protocol.parse_request(frames)
+            msg = protocol.parse_request(frames, header)
         except ProtocolError as exc:
             metrics.REQUESTS.labels("bad_request").inc()
             logger.warning("bad message: %s", exc.message)
@@ -249,6 +260,7 @@ class WorkerServer:
             now + budget_s,
             reply_to=ident,
             request_id=str(header.get("request_id") or ""),
+            batch_replies=header.get("batch_replies") is True,
         )
         if not self.batcher.offer(item, now):
             metrics.REQUESTS.labels("overloaded").inc()
@@ -343,6 +355,7 @@ class WorkerServer:
         offset = 0
         done = time.monotonic()
         log_all, slow_s = self.settings.log_requests, self.settings.slow_request_ms / 1000
+        enveloped: dict[bytes, list[list[Any]]] = {}  # replies to callers that take them in one envelope
         for p in batch:
             n = p.rows
             metrics.QUEUE_WAIT.observe(started - p.arrival)
@@ -365,7 +378,12 @@ class WorkerServer:
                     version=model.version,
                     message=f"model {model.name} v{model.version}: cannot send outputs: {exc}",
                 )
-            self._send(p.reply_to, frames)
+            if p.batch_replies:
+                enveloped.setdefault(p.reply_to, []).append(frames)
+            else:
+                self._send(p.reply_to, frames)
+        for ident, replies in enveloped.items():
+            self._send(ident, replies[0] if len(replies) == 1 else protocol.pack_batch(replies))
 
     def _delayed(self, run: Any) -> Any:
         delay_s = self.settings.debug_delay_ms / 1000

@@ -4,6 +4,12 @@ A message is a ZeroMQ multipart: frame 0 is a msgpack header, frames 1..n are th
 tensors the header describes (``inputs`` on a request, ``outputs`` on a reply), in order. Tensors never
 go through msgpack or pickle, so a receiver rebuilds them with ``np.frombuffer`` without a copy.
 
+Several messages may travel in one *batch envelope* (:func:`pack_batch`, opened by :func:`split`): a
+header ``{"v": 1, "kind": "batch", "frames": [n1, n2, ...]}`` followed by each message's frames. App
+servers put the requests that leave in the same event-loop turn into one envelope, and a worker
+answers a batch's requests from one app server in one, when they asked for it (``batch_replies``).
+ZeroMQ, pyzmq and the event loop then pay their per-message costs once per envelope.
+
 Every parse failure raises :class:`~shared.errors.ProtocolError`, carrying the message id when the
 header got that far, so a reader can always answer instead of crashing.
 """
@@ -47,6 +53,9 @@ class Status(StrEnum):
 
 Frame = bytes | memoryview
 
+BATCH = "batch"
+"""``kind`` of a batch envelope; not a :class:`Kind`, since it is opened before a message is handled."""
+
 
 @dataclass(slots=True)
 class Message:
@@ -88,14 +97,65 @@ def _buffer(frame: Any) -> memoryview:
     return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
 
 
-def unpack(frames: Sequence[Any], *, field_name: str = "inputs") -> Message:
-    """Parse frames from :func:`pack`. Raises ProtocolError on anything malformed."""
+def _header(frame: Any) -> Any:
+    try:
+        return msgpack.unpackb(_buffer(frame), raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"header is not msgpack: {exc.__class__.__name__}") from None
+
+
+def pack_batch(messages: Sequence[Sequence[Frame]]) -> list[Frame]:
+    """Several messages (each as :func:`pack` made it) in one ZeroMQ message."""
+    head = msgpack.packb({"v": PROTOCOL_VERSION, "kind": BATCH, "frames": [len(m) for m in messages]})
+    out: list[Frame] = [head]
+    for m in messages:
+        out.extend(m)
+    return out
+
+
+def split(frames: Sequence[Any]) -> list[tuple[dict[str, Any] | None, Sequence[Any]]]:
+    """The messages in ``frames``, each with its header already parsed (``None`` where it does not
+    parse, for :func:`unpack` to report): ``frames`` itself, or every message of a batch envelope.
+
+    Raises ProtocolError for a malformed envelope; a bad message inside a good envelope is left for
+    its own parse to report, so its neighbours are still answered.
+    """
     if not frames:
         raise ProtocolError("empty message")
     try:
-        header = msgpack.unpackb(_buffer(frames[0]), raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise ProtocolError(f"header is not msgpack: {exc.__class__.__name__}") from None
+        header = _header(frames[0])
+    except ProtocolError:
+        return [(None, frames)]
+    if not isinstance(header, dict) or header.get("kind") != BATCH:
+        return [(header if isinstance(header, dict) else None, frames)]
+    counts = header.get("frames")
+    if (
+        header.get("v") != PROTOCOL_VERSION
+        or not isinstance(counts, list)
+        or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts)
+        or sum(counts) != len(frames) - 1
+    ):
+        raise ProtocolError(f"malformed batch envelope: frame counts {counts!r:.80} for {len(frames) - 1} frames")
+    out: list[tuple[dict[str, Any] | None, Sequence[Any]]] = []
+    start = 1
+    for count in counts:
+        sub = frames[start : start + count]
+        start += count
+        try:
+            head = _header(sub[0])
+        except ProtocolError:
+            head = None
+        out.append((head if isinstance(head, dict) else None, sub))
+    return out
+
+
+def unpack(frames: Sequence[Any], *, field_name: str = "inputs", header: dict[str, Any] | None = None) -> Message:
+    """Parse frames from :func:`pack` (``header``: frame 0, when :func:`split` parsed it already).
+    Raises ProtocolError on anything malformed."""
+    if not frames:
+        raise ProtocolError("empty message")
+    if header is None:
+        header = _header(frames[0])
     if not isinstance(header, dict):
         raise ProtocolError("header is not a map")
     msg_id = header.get("id")
@@ -128,7 +188,9 @@ def _tensor(desc: Mapping[str, Any], buf: memoryview) -> np.ndarray:
     if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise ProtocolError(f"tensor {name!r}: bad shape {shape!r}")
     np_dtype = np.dtype(dtype)
-    expected = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    expected = np_dtype.itemsize
+    for d in shape:
+        expected *= d
     if buf.nbytes != expected:
         raise ProtocolError(f"tensor {name!r}: {buf.nbytes} bytes, shape {shape} needs {expected}")
     return np.frombuffer(buf, dtype=np_dtype).reshape(shape)
@@ -188,8 +250,8 @@ def reply(
     return pack(header, outputs, field_name="outputs")
 
 
-def parse_request(frames: Sequence[Any]) -> Message:
-    msg = unpack(frames, field_name="inputs")
+def parse_request(frames: Sequence[Any], header: dict[str, Any] | None = None) -> Message:
+    msg = unpack(frames, field_name="inputs", header=header)
     if msg.header.get("kind") not in Kind.__members__.values():
         raise _with_id(ProtocolError(f"unknown kind {msg.header.get('kind')!r}"), msg.header.get("id"))
     if not isinstance(msg.header.get("id"), str):
@@ -197,5 +259,5 @@ def parse_request(frames: Sequence[Any]) -> Message:
     return msg
 
 
-def parse_reply(frames: Sequence[Any]) -> Message:
-    return unpack(frames, field_name="outputs")
+def parse_reply(frames: Sequence[Any], header: dict[str, Any] | None = None) -> Message:
+    return unpack(frames, field_name="outputs", header=header)

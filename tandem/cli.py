@@ -97,11 +97,11 @@ def app_server(
     settings = build(AppSettings, **locals())
     import uvicorn
 
-    from app_server.app import create_app
+    from app_server.app import serve
 
     logs.configure(settings.log_level, settings.log_format, "app")
     uvicorn.run(
-        create_app(settings),
+        serve(settings),
         host=settings.host,
         port=settings.port,
         log_config=None,

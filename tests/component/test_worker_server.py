@@ -194,6 +194,44 @@ async def test_concurrent_requests_are_batched_and_each_gets_its_rows(model_dir,
         assert max(r.header["timing"]["batch_size"] for r in replies.values()) > 1
 
 
+async def test_an_envelope_of_requests_is_answered_in_envelopes_when_asked(model_dir, demo_registry):
+    """Requests that ask for ``batch_replies`` get their replies from one batch in one envelope; the
+    others one message each. Every request is answered exactly once either way, a malformed envelope
+    gets a bad_request, and a bad message inside a good envelope does not cost its neighbours."""
+    x, expected = example_rows(model_dir)
+
+    def infer(i: int, **extra) -> list:
+        return protocol.request(
+            Kind.INFER, f"e{i}", model="demo", version="1", budget_ms=2000, inputs={"input": x[:1]}, **extra
+        )
+
+    async with serving(model_dir, demo_registry.uri, max_batch_size=64, max_latency_ms=20) as (_, client):
+        messages = [infer(i, batch_replies=True) for i in range(6)] + [infer(i) for i in range(6, 9)]
+        messages.append([b"\xc1 garbage"])
+        await client.send_multipart(protocol.pack_batch(messages))
+        answers: dict[str, list] = {}
+        envelopes = 0
+        while sum(map(len, answers.values())) < 10:
+            parts = protocol.split(await asyncio.wait_for(client.recv_multipart(), 5))
+            envelopes += len(parts) > 1
+            for header, frames in parts:
+                msg = protocol.parse_reply(frames, header)
+                answers.setdefault(msg.id, []).append(msg)
+        assert sorted(answers) == sorted([f"e{i}" for i in range(9)] + ["None"])  # the garbage has no id
+        assert all(len(v) == 1 for v in answers.values())
+        assert answers["None"][0].header["status"] == "bad_request"
+        for i in range(9):
+            r = answers[f"e{i}"][0]
+            assert r.header["status"] == "ok"
+            assert r.tensors["probability"][0, 0] == pytest.approx(expected[0], rel=1e-5)
+        assert envelopes >= 1  # the six that asked, from one batch, came back together
+        assert not await client.poll(200)  # and nothing twice
+
+        await client.send_multipart([msgpack.packb({"v": 1, "kind": "batch", "frames": [5]}), b"x"])
+        bad = protocol.parse_reply(await asyncio.wait_for(client.recv_multipart(), 5))
+        assert bad.header["status"] == "bad_request" and "envelope" in bad.header["message"]
+
+
 class SlowRunner:
     """Delegates to the real runner after a pause: work that is visibly still held during a drain."""
 

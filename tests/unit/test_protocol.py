@@ -84,3 +84,40 @@ def test_truncated_frames_are_errors_not_crashes():
     for cut in range(len(good[0])):
         with pytest.raises(ProtocolError):
             protocol.parse_request([good[0][:cut], good[1]])
+
+
+def test_a_batch_envelope_splits_into_its_messages_with_parsed_headers():
+    messages = [protocol.request(Kind.INFER, f"m{i}", inputs={"x": np.full((1, 3), i, np.float32)}) for i in range(3)]
+    messages.append(protocol.request(Kind.PING, "p"))  # no tensors: one frame
+    parts = protocol.split([bytes(f) for f in protocol.pack_batch(messages)])
+    assert [header["id"] for header, _ in parts] == ["m0", "m1", "m2", "p"]
+    for i, (header, frames) in enumerate(parts[:3]):
+        msg = protocol.parse_request(frames, header)
+        np.testing.assert_array_equal(msg.tensors["x"], np.full((1, 3), i, np.float32))
+    assert protocol.parse_request(*reversed(parts[3])).header["kind"] == "ping"
+
+
+def test_an_ordinary_message_splits_into_itself():
+    frames = protocol.request(Kind.INFER, "one", inputs={"x": np.ones((2, 2), np.float32)})
+    [(header, same)] = protocol.split(frames)
+    assert same is frames and header["id"] == "one"
+    [(header, _)] = protocol.split([b"\xc1 not msgpack"])
+    assert header is None  # left for parse_request to report
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [[3], [1, 1, 1], [0, 2], [-1, 3], ["2"], [True, 1], "2", None],
+)
+def test_malformed_envelopes_are_protocol_errors(counts):
+    frames = [msgpack.packb({"v": 1, "kind": "batch", "frames": counts}), _header(), _header()]
+    with pytest.raises(ProtocolError, match="malformed batch envelope"):
+        protocol.split(frames)
+
+
+def test_a_bad_message_inside_an_envelope_does_not_spoil_its_neighbours():
+    good = protocol.request(Kind.INFER, "good", inputs={"x": np.ones((1, 2), np.float32)})
+    parts = protocol.split(protocol.pack_batch([[b"\xc1 garbage"], good]))
+    with pytest.raises(ProtocolError, match="not msgpack"):
+        protocol.parse_request(parts[0][1], parts[0][0])
+    assert protocol.parse_request(parts[1][1], parts[1][0]).id == "good"
