@@ -28,12 +28,11 @@ from shared import protocol
 from shared.errors import NoWorkers, TandemError, from_wire
 from shared.protocol import Kind, Status
 from shared.settings import AppSettings
-from shared.transport import make_socket
+from shared.transport import LoopSocket, make_socket
 
 logger = logging.getLogger(__name__)
 
 MISSED_HEARTBEATS = 3
-RECEIVE_BURST = 256
 TRANSIT_MARGIN_MS = 2.0
 
 
@@ -46,10 +45,8 @@ class WorkerLost(TandemError):
 @dataclass(eq=False)
 class WorkerConn:
     endpoint: str
-    sock: zmq.asyncio.Socket
-    sync: zmq.Socket
-    """The same socket used synchronously, only to read the rest of a burst of replies without a
-    future each (sends stay on the asyncio socket, which re-checks events for the pending receive)."""
+    io: LoopSocket
+    """The DEALER to this worker, read by a callback on its descriptor (no future per message)."""
     pending: dict[str, asyncio.Future[protocol.Message]] = field(default_factory=dict)
     last_seen: float = 0.0
     alive: bool = False
@@ -87,11 +84,7 @@ class WorkerConn:
 
 def _send_now(conn: WorkerConn, frames: list[Any]) -> None:
     """Send without blocking or awaiting; raises zmq.Again when the worker is not connected (IMMEDIATE)."""
-    sent = conn.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-    if sent.done():
-        sent.result()  # raises zmq.Again / ZMQError now
-    else:  # pragma: no cover - NOBLOCK sends complete at once
-        sent.add_done_callback(lambda f: f.cancelled() or f.exception())
+    conn.io.send(frames)
 
 
 def _expire(fut: asyncio.Future[Any]) -> None:
@@ -155,14 +148,7 @@ class WorkerPool:
     def _sync_endpoints(self, endpoints: list[str]) -> None:
         for ep in endpoints:
             if ep not in self.conns:
-                sock = make_socket(self._ctx, zmq.DEALER, connect=ep)
-                conn = WorkerConn(ep, sock, zmq.Socket.shadow(sock.underlying))
-                conn.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-                conn.tasks = [
-                    asyncio.create_task(self._receive_loop(conn)),
-                    asyncio.create_task(self._monitor_loop(conn, conn.monitor)),
-                ]
-                self.conns[ep] = conn
+                self.conns[ep] = self._connect(ep)
                 logger.info("worker %s added", ep)
         for ep in set(self.conns) - set(endpoints):
             conn = self.conns[ep]
@@ -172,16 +158,28 @@ class WorkerPool:
         for ep in endpoints:
             self.conns[ep].removed = False
 
+    def _connect(self, endpoint: str) -> WorkerConn:
+        sock = make_socket(self._ctx, zmq.DEALER, connect=endpoint, socket_class=zmq.Socket)
+
+        def on_message(frames: list[Any]) -> None:
+            self._on_reply(conn, frames)
+
+        conn = WorkerConn(endpoint, LoopSocket(sock, on_message))
+        conn.io.start()
+        conn.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)  # an asyncio socket: rare events
+        conn.tasks = [asyncio.create_task(self._monitor_loop(conn, conn.monitor))]
+        return conn
+
     def _remove(self, conn: WorkerConn) -> None:
         self._fail_pending(conn, "worker removed from the pool")
         for task in conn.tasks:
             task.cancel()
         # Closed here, not in the tasks' cleanup: Context.term() blocks until every socket is closed,
         # and it runs before cancelled tasks get to clean up.
-        conn.sock.disable_monitor()
+        conn.io.sock.disable_monitor()
         if conn.monitor is not None:
             conn.monitor.close(linger=0)
-        conn.sock.close(linger=0)
+        conn.io.close(linger=0)
         self.conns.pop(conn.endpoint, None)
 
     # -- heartbeats ----------------------------------------------------------------------------------
@@ -221,19 +219,6 @@ class WorkerPool:
         conn.est_wait_ms = float(header.get("est_wait_ms") or 0.0)
         conn.device = header.get("device")
         conn.draining = bool(header.get("draining"))
-
-    async def _receive_loop(self, conn: WorkerConn) -> None:
-        """Await one reply, then take every reply already waiting without awaiting again."""
-        while True:
-            frames = await conn.sock.recv_multipart(copy=False)
-            for _ in range(RECEIVE_BURST):
-                self._on_reply(conn, frames)
-                try:
-                    frames = conn.sync.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-            else:
-                self._on_reply(conn, frames)
 
     def _on_reply(self, conn: WorkerConn, frames: list[Any]) -> None:
         try:

@@ -33,12 +33,9 @@ from shared.errors import ProtocolError
 from shared.protocol import Kind, Status
 from shared.runtime import tune_gc
 from shared.settings import WorkerSettings
-from shared.transport import make_socket
+from shared.transport import LoopSocket, make_socket
 
 logger = logging.getLogger(__name__)
-
-RECEIVE_BURST = 256
-"""Most messages handled per wake-up before batches are formed and the loop yields."""
 
 REFUSED = "cannot finish within the request's budget: queue too long"
 EXPIRED = "deadline passed, or could no longer be met, while queued"
@@ -66,12 +63,11 @@ class WorkerServer:
         self._in_flight = 0
         self._timer: asyncio.TimerHandle | None = None
         self._draining = False
-        self._ctx = zmq.asyncio.Context()
+        self._ctx = zmq.Context()
         self.sock = make_socket(self._ctx, zmq.ROUTER, bind=settings.bind)
-        # The same socket used synchronously, for reading the rest of a burst without a future per
-        # message. Only reads: a send behind asyncio's back could swallow the edge-triggered wake-up
-        # of a pending receive, so replies go through the asyncio socket (which re-checks events).
-        self._sync = zmq.Socket.shadow(self.sock.underlying)
+        # Every message of a burst is handled, then batches are formed once for the whole burst
+        # (pump): no task wakes up per request.
+        self._io = LoopSocket(self.sock, self._handle_safely, after_burst=self.pump)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         cache = settings.cache_dir or (settings.home / "cache" if settings.home else None)
         self.cache_dir = Path(cache or tempfile.mkdtemp(prefix="tandem-cache-"))
@@ -99,7 +95,7 @@ class WorkerServer:
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self.sock.close(linger=500)  # let the last replies of a drain leave
+        self._io.close(linger=500)  # let the last replies of a drain leave
         self._ctx.term()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -126,20 +122,12 @@ class WorkerServer:
     # -- receiving -----------------------------------------------------------------------------------
 
     async def _receive_loop(self) -> None:
-        """Await one message, then take whatever else is already waiting without awaiting (one
-        asyncio future per burst, not per message), then form batches once for the whole burst."""
-        sync = self._sync
-        while True:
-            frames = await self.sock.recv_multipart(copy=False)
-            for _ in range(RECEIVE_BURST):
-                self._handle_safely(frames)
-                try:
-                    frames = sync.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-            else:
-                self._handle_safely(frames)
-            self.pump()
+        """Messages are read by the socket's reader callback (``LoopSocket``) while this runs."""
+        self._io.start()
+        try:
+            await asyncio.get_running_loop().create_future()  # until cancelled
+        finally:
+            self._io.stop()
 
     def _handle_safely(self, frames: list[Any]) -> None:
         """A message that breaks handling still gets an answer, and never stops the loop. An envelope
@@ -401,9 +389,10 @@ class WorkerServer:
 
     def _send(self, ident: bytes, frames: list[Any]) -> None:
         """Reply without awaiting: a ROUTER send completes at once (or drops for a vanished peer)."""
-        sent = self.sock.send_multipart([ident, *frames], copy=False)
-        if sent.done() and not sent.cancelled() and sent.exception() is not None:
-            logger.warning("could not send reply: %s", sent.exception())
+        try:
+            self._io.send([ident, *frames])
+        except zmq.ZMQError as exc:
+            logger.warning("could not send reply: %s", exc)
 
 
 async def run_worker(settings: WorkerSettings) -> None:

@@ -105,7 +105,7 @@ async def test_a_failed_send_fails_every_call_it_carried(pool_and_worker):
     for _ in range(250):
         await asyncio.sleep(0.02)
         try:
-            conn.sync.send_multipart(protocol.request(Kind.PING, "probe"), zmq.NOBLOCK)
+            conn.io.sock.send_multipart(protocol.request(Kind.PING, "probe"), zmq.NOBLOCK)
         except zmq.Again:
             break
     else:
