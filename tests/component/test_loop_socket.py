@@ -70,7 +70,7 @@ async def test_a_burst_larger_than_one_turn_is_read_in_full_and_in_order():
             if len(got) == 95:
                 break
         assert got == list(range(95))
-        assert len(bursts) >= 10 and all(b - a <= 10 for a, b in zip([0, *bursts], bursts))
+        assert len(bursts) >= 10 and all(b - a <= 10 for a, b in zip([0, *bursts[:-1]], bursts, strict=True))
     finally:
         io.close()
         router.close(0)
