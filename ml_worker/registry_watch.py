@@ -16,6 +16,7 @@ from pathlib import Path
 from ml_worker import metrics
 from ml_worker.models import LoadedModel, ModelStore, load_version
 from shared import registry
+from shared.runtime import freeze_long_lived
 from shared.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class RegistryWatcher:
 
     def _swap(self, model: LoadedModel, load_s: float) -> None:
         previous = self.store.swap(model, time.monotonic())
+        freeze_long_lived()  # the new version's objects would otherwise make every full collection slow
         metrics.SWAPS.labels("ok").inc()
         if load_s:
             metrics.LOAD_SECONDS.observe(load_s)

@@ -17,3 +17,15 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
+
+
+def freeze_long_lived() -> None:
+    """Move everything alive now out of the collector's sight, without collecting first.
+
+    For objects built after start-up that live as long as the process or a model version does (a
+    loaded model, the registry client and its SQL metadata): left in the oldest generation, every
+    full collection walks them all, a pause of about 100 ms on the request path measured with the
+    large demo model. Frozen objects are still freed by reference counting when dropped; only
+    reference cycles among them would wait for an unfreeze, which nothing here relies on.
+    """
+    gc.freeze()
