@@ -15,7 +15,6 @@ import signal
 import tempfile
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import zmq.asyncio
 from ml_worker import metrics
 from ml_worker.adaptive import AdaptiveBatcher
 from ml_worker.batcher import Batcher, Pending, SimpleBatcher
+from ml_worker.model_threads import ModelThreads
 from ml_worker.models import LoadedModel, ModelStore
 from ml_worker.registry_watch import RegistryWatcher
 from shared import protocol
@@ -59,7 +59,7 @@ class WorkerServer:
         self.settings = settings
         self.store = store or ModelStore(settings.model, settings.keep_previous_s)
         self.batcher = batcher or make_batcher(settings)
-        self.executor = ThreadPoolExecutor(settings.batches_in_flight, thread_name_prefix="model")
+        self._models = ModelThreads(settings.batches_in_flight)
         self._in_flight = 0
         self._timer: asyncio.TimerHandle | None = None
         self._draining = False
@@ -73,7 +73,6 @@ class WorkerServer:
         self.cache_dir = Path(cache or tempfile.mkdtemp(prefix="tandem-cache-"))
         self.watcher = RegistryWatcher(settings, self.store, self.cache_dir)
         self._tasks: list[asyncio.Task[Any]] = []
-        self._batch_tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self, *, watch: bool = True) -> None:
         """Run until cancelled or drained."""
@@ -97,7 +96,7 @@ class WorkerServer:
             self._timer.cancel()
         self._io.close(linger=500)  # let the last replies of a drain leave
         self._ctx.term()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self._models.shutdown()
 
     async def drain(self, timeout_s: float | None = None) -> None:
         """Stop admitting work, answer everything held, then stop serving.
@@ -270,6 +269,7 @@ class WorkerServer:
 
     def _pump(self) -> None:
         now = time.monotonic()
+        ready: list[list[Pending]] = []
         while True:
             poll = self.batcher.poll(now, self._in_flight < self.settings.batches_in_flight)
             for p in poll.expired:
@@ -281,72 +281,92 @@ class WorkerServer:
             if not poll.batch:
                 break
             self._in_flight += 1
-            task = asyncio.create_task(self._execute(poll.batch, now))
-            self._batch_tasks.add(task)  # keep a reference: the loop holds tasks only weakly
-            task.add_done_callback(self._batch_tasks.discard)
+            ready.append(poll.batch)
         metrics.QUEUE_DEPTH.set(self.batcher.depth)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if poll.wait_s is not None:
             self._timer = asyncio.get_running_loop().call_later(max(poll.wait_s, 0.0002), self.pump)
+        # Batches go to the model threads last: a model thread woken while this loop still holds the
+        # GIL sleeps once more waiting for it.
+        for batch in ready:
+            self._start(batch, now)
 
-    async def _execute(self, batch: list[Pending], started: float) -> None:
+    def _start(self, batch: list[Pending], started: float) -> None:
+        """Hand a batch to a model thread; :meth:`_finish` answers it on the loop."""
         version = batch[0].version
         model = self.store.get(version)
+        if model is None:
+            for p in batch:
+                self._send(p.reply_to, self._version_unavailable(p.msg_id, version))
+            self._in_flight -= 1
+            asyncio.get_running_loop().call_soon(self.pump)  # the slot is free again
+            return
+        run = model.runner.run if not self.settings.debug_delay_ms else self._delayed(model.runner.run)
+        xs = [p.x for p in batch]
+
+        def job() -> dict[str, np.ndarray]:  # the copy into one array is the model thread's, too
+            return run(xs[0] if len(xs) == 1 else np.concatenate(xs))
+
+        t0 = time.monotonic()
+        self._models.submit(job, lambda outputs, error: self._finish(model, batch, started, t0, outputs, error))
+
+    def _finish(
+        self,
+        model: LoadedModel,
+        batch: list[Pending],
+        started: float,
+        t0: float,
+        outputs: dict[str, np.ndarray] | None,
+        error: BaseException | None,
+    ) -> None:
         try:
-            if model is None:
-                for p in batch:
-                    self._send(p.reply_to, self._version_unavailable(p.msg_id, version))
+            infer_s = time.monotonic() - t0
+            rows = sum(p.rows for p in batch)
+            if error is None and outputs is not None:
+                bad = [n for n, o in outputs.items() if o.shape[0] != rows]
+                if bad:
+                    error = ValueError(f"outputs {bad} do not have one row per input row ({rows})")
+            if error is not None or outputs is None:
+                self._answer_failed(model, batch, rows, error)
                 return
-            await self._run_batch(model, batch, started)
+            self._answer(model, batch, started, infer_s, outputs)
+            # Bookkeeping after the replies have left: the cost model's refit is not the callers' wait.
+            self.batcher.observe(model.version, rows, infer_s)
+            metrics.BATCH_SIZE.observe(rows)
+            metrics.INFERENCE.observe(infer_s)
+            metrics.REQUESTS.labels("ok").inc(len(batch))
+            for p in batch:
+                metrics.QUEUE_WAIT.observe(started - p.arrival)
         finally:
             self._in_flight -= 1
             self.pump()
 
-    async def _run_batch(self, model: LoadedModel, batch: list[Pending], started: float) -> None:
-        x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
-        rows = x.shape[0]
-        loop = asyncio.get_running_loop()
-        t0 = time.monotonic()
-        try:
-            run = model.runner.run if not self.settings.debug_delay_ms else self._delayed(model.runner.run)
-            outputs = await loop.run_in_executor(self.executor, run, x)
-            bad = [n for n, o in outputs.items() if o.shape[0] != rows]
-            if bad:
-                raise ValueError(f"outputs {bad} do not have one row per input row ({rows})")
-        except Exception as exc:
-            logger.exception(
-                "%s v%s failed on a batch of %d rows",
-                model.name,
-                model.version,
-                rows,
-                extra={"request_ids": [p.request_id for p in batch]},
-            )
-            metrics.REQUESTS.labels("error").inc(len(batch))
-            for p in batch:
-                self._send(
-                    p.reply_to,
-                    protocol.reply(
-                        p.msg_id,
-                        Status.ERROR,
-                        version=model.version,
-                        message=f"model {model.name} v{model.version} failed: {exc}",
-                    ),
-                )
-            return
-        infer_s = time.monotonic() - t0
-        self.batcher.observe(model.version, rows, infer_s)
-        metrics.BATCH_SIZE.observe(rows)
-        metrics.INFERENCE.observe(infer_s)
-        metrics.REQUESTS.labels("ok").inc(len(batch))
+    def _answer_failed(self, model: LoadedModel, batch: list[Pending], rows: int, exc: BaseException | None) -> None:
+        logger.error(
+            "%s v%s failed on a batch of %d rows",
+            model.name,
+            model.version,
+            rows,
+            exc_info=exc,
+            extra={"request_ids": [p.request_id for p in batch]},
+        )
+        metrics.REQUESTS.labels("error").inc(len(batch))
+        message = f"model {model.name} v{model.version} failed: {exc}"
+        for p in batch:
+            self._send(p.reply_to, protocol.reply(p.msg_id, Status.ERROR, version=model.version, message=message))
+
+    def _answer(
+        self, model: LoadedModel, batch: list[Pending], started: float, infer_s: float, outputs: dict[str, np.ndarray]
+    ) -> None:
+        rows = sum(p.rows for p in batch)
         offset = 0
         done = time.monotonic()
         log_all, slow_s = self.settings.log_requests, self.settings.slow_request_ms / 1000
         enveloped: dict[bytes, list[list[Any]]] = {}  # replies to callers that take them in one envelope
         for p in batch:
             n = p.rows
-            metrics.QUEUE_WAIT.observe(started - p.arrival)
             timing = {"queue_ms": (started - p.arrival) * 1000, "infer_ms": infer_s * 1000, "batch_size": rows}
             if log_all or done - p.arrival >= slow_s:
                 logger.info(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -74,8 +73,9 @@ def worker(
     settings = build(WorkerSettings, **locals())
     logs.configure(settings.log_level, settings.log_format, "worker")
     from ml_worker.server import run_worker
+    from shared.runtime import run_loop
 
-    asyncio.run(run_worker(settings))
+    run_loop(run_worker(settings))
 
 
 @app.command("app")

@@ -275,3 +275,28 @@ async def test_draining_worker_refuses_new_work_and_answers_what_it_holds(model_
         assert late["status"] == "overloaded" and "draining" in late["message"]
         assert pong["draining"] is True
         assert statuses == {f"h{i}": "ok" for i in range(5)}
+
+
+async def test_a_batch_the_model_fails_on_is_answered_error_and_the_next_one_runs(model_dir, demo_registry):
+    x, expected = example_rows(model_dir)
+    async with serving(model_dir, demo_registry.uri) as (server, client):
+        runner = server.store.get("1").runner
+        real_run = runner.run
+        calls = []
+
+        def flaky(batch: np.ndarray) -> dict[str, np.ndarray]:
+            calls.append(batch.shape[0])
+            if len(calls) == 1:
+                raise RuntimeError("boom")
+            return real_run(batch)
+
+        runner.run = flaky
+        first = protocol.request(Kind.INFER, "f", model="demo", version="1", budget_ms=2000, inputs={"input": x[:1]})
+        r = await ask(client, first)
+        assert r.header["status"] == "error"
+        assert "boom" in r.header["message"]
+        second = protocol.request(Kind.INFER, "s", model="demo", version="1", budget_ms=2000, inputs={"input": x[:1]})
+        r = await ask(client, second)
+        assert r.header["status"] == "ok"
+        assert r.tensors["probability"][0, 0] == pytest.approx(expected[0], rel=1e-5)
+        assert server._in_flight == 0  # the failed batch gave its slot back
