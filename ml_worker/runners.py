@@ -1,6 +1,7 @@
 """Model runners: a model file in, ``run(x) -> {output name: array}`` out.
 
-Runners are called from the worker's executor thread only, one batch at a time per runner.
+Runners are called from the worker's model threads only (``model_threads.py``); with several batches
+in flight, from several at once.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class OnnxRunner:
         tails = [o.shape[1:] for o in self.session.get_outputs()]
         self._out_tails = [tuple(t) if all(isinstance(d, int) for d in t) else None for t in tails]
         self._device_buffers: dict[int, tuple[Any, list[Any]]] = {}
-        # One binding and one set of device buffers: with several batches in flight, two executor
+        # One binding and one set of device buffers: with several batches in flight, two model
         # threads would overwrite each other's inputs and outputs without this.
         self._cuda_lock = threading.Lock()
 

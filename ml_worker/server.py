@@ -1,7 +1,7 @@
-"""The worker process: a ZeroMQ ROUTER loop, a batcher, and an executor thread for the model.
+"""The worker process: a ZeroMQ ROUTER loop, a batcher, and model threads (``model_threads.py``).
 
 The event loop only moves messages: it parses frames, admits requests into the batcher, hands batches
-to the executor and sends replies. It never waits on the model, so pings, admissions and deadline
+to a model thread and sends replies. It never waits on the model, so pings, admissions and deadline
 checks keep flowing while a batch runs, and the next batch forms meanwhile.
 """
 
