@@ -270,28 +270,31 @@ class WorkerServer:
     def _pump(self) -> None:
         now = time.monotonic()
         ready: list[list[Pending]] = []
-        while True:
-            poll = self.batcher.poll(now, self._in_flight < self.settings.batches_in_flight)
-            for p in poll.expired:
-                metrics.REQUESTS.labels("expired").inc()
-                self._send(
-                    p.reply_to,
-                    protocol.reply(p.msg_id, Status.DEADLINE_EXCEEDED, version=p.version, message=EXPIRED),
-                )
-            if not poll.batch:
-                break
-            self._in_flight += 1
-            ready.append(poll.batch)
-        metrics.QUEUE_DEPTH.set(self.batcher.depth)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if poll.wait_s is not None:
-            self._timer = asyncio.get_running_loop().call_later(max(poll.wait_s, 0.0002), self.pump)
-        # Batches go to the model threads last: a model thread woken while this loop still holds the
-        # GIL sleeps once more waiting for it.
-        for batch in ready:
-            self._start(batch, now)
+        try:
+            while True:
+                poll = self.batcher.poll(now, self._in_flight < self.settings.batches_in_flight)
+                for p in poll.expired:
+                    metrics.REQUESTS.labels("expired").inc()
+                    self._send(
+                        p.reply_to,
+                        protocol.reply(p.msg_id, Status.DEADLINE_EXCEEDED, version=p.version, message=EXPIRED),
+                    )
+                if not poll.batch:
+                    break
+                self._in_flight += 1
+                ready.append(poll.batch)
+            metrics.QUEUE_DEPTH.set(self.batcher.depth)
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if poll.wait_s is not None:
+                self._timer = asyncio.get_running_loop().call_later(max(poll.wait_s, 0.0002), self.pump)
+        finally:
+            # Batches go to the model threads last: a model thread woken while this loop still holds
+            # the GIL sleeps once more waiting for it. In ``finally``: a batch taken out of the
+            # batcher is run even if a later poll failed, or its requests would never be answered.
+            for batch in ready:
+                self._start(batch, now)
 
     def _start(self, batch: list[Pending], started: float) -> None:
         """Hand a batch to a model thread; :meth:`_finish` answers it on the loop."""

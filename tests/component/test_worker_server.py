@@ -13,6 +13,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from ml_worker.batcher import Poll, SimpleBatcher
 from ml_worker.models import ModelStore, load_version
 from ml_worker.server import WorkerServer
 from shared import protocol, registry
@@ -26,11 +27,11 @@ def model_dir(demo_registry, tmp_path_factory) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def serving(model_dir: Path, registry_uri: str, **overrides):
+async def serving(model_dir: Path, registry_uri: str, batcher=None, **overrides):
     settings = WorkerSettings(bind="tcp://127.0.0.1:*", registry_uri=registry_uri, **overrides)
     store = ModelStore("demo")
     store.swap(load_version("demo", "1", model_dir), time.monotonic())
-    server = WorkerServer(settings, store=store)
+    server = WorkerServer(settings, store=store, batcher=batcher)
     task = asyncio.create_task(server.serve(watch=False))
     ctx = zmq.asyncio.Context()
     client = ctx.socket(zmq.DEALER)
@@ -300,3 +301,31 @@ async def test_a_batch_the_model_fails_on_is_answered_error_and_the_next_one_run
         assert r.header["status"] == "ok"
         assert r.tensors["probability"][0, 0] == pytest.approx(expected[0], rel=1e-5)
         assert server._in_flight == 0  # the failed batch gave its slot back
+
+
+class _FailsAfterABatch(SimpleBatcher):
+    """Raises on the poll right after the one that handed out a batch, once."""
+
+    def __init__(self) -> None:
+        super().__init__(max_batch_size=64)
+        self.armed = False
+        self.failed = False
+
+    def poll(self, now: float, can_dispatch: bool) -> Poll:
+        if self.armed and not self.failed:
+            self.failed = True
+            raise RuntimeError("batcher bug")
+        result = super().poll(now, can_dispatch)
+        self.armed = bool(result.batch)
+        return result
+
+
+async def test_a_batch_taken_before_the_batcher_failed_is_still_run_and_answered(model_dir, demo_registry):
+    x, expected = example_rows(model_dir)
+    batcher = _FailsAfterABatch()
+    async with serving(model_dir, demo_registry.uri, batcher=batcher, batches_in_flight=2) as (_, client):
+        req = protocol.request(Kind.INFER, "a", model="demo", version="1", budget_ms=2000, inputs={"input": x[:1]})
+        r = await ask(client, req)
+        assert batcher.failed
+        assert r.header["status"] == "ok"
+        assert r.tensors["probability"][0, 0] == pytest.approx(expected[0], rel=1e-5)
