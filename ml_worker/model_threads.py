@@ -20,14 +20,14 @@ logger = logging.getLogger(__name__)
 
 Done = Callable[[Any, BaseException | None], None]
 """Called on the loop with ``(result, None)`` or ``(None, error)``."""
+Job = tuple[asyncio.AbstractEventLoop, Callable[[], Any], Done]
 
 
 class ModelThreads:
     """``n`` threads taking jobs from one queue: as many batches run at once as there are threads."""
 
     def __init__(self, n: int, name: str = "model") -> None:
-        self._jobs: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, Callable[[], Any], Done] | None]
-        self._jobs = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()  # None: exit
         # Daemon threads: a model stuck in native code must not keep a stopping worker alive.
         self._threads = [threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True) for i in range(n)]
         for t in self._threads:
