@@ -33,6 +33,9 @@ MAX_DIMS = 8
 DTYPES: frozenset[str] = frozenset(
     ["float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool"]
 )
+_NAMES: dict[np.dtype, str] = {np.dtype(name): name for name in DTYPES}
+"""Wire name of each allowed dtype: ``dtype.name`` runs Python code in numpy, on every tensor sent."""
+_NUMPY: dict[str, np.dtype] = {name: np.dtype(name) for name in DTYPES}
 
 
 class Kind(StrEnum):
@@ -83,9 +86,12 @@ def pack(
     frames: list[Frame] = []
     descriptors = []
     for name, array in (tensors or {}).items():
-        dtype = array.dtype.name
-        if dtype not in DTYPES:
-            raise ProtocolError(f"tensor {name!r}: unsupported dtype {dtype}")
+        dtype = _NAMES.get(array.dtype)
+        if dtype is None and (native := array.dtype.newbyteorder("=")) in _NAMES:
+            array = array.astype(native)  # the wire carries native byte order; a swapped array is converted
+            dtype = _NAMES[native]
+        if dtype is None:
+            raise ProtocolError(f"tensor {name!r}: unsupported dtype {array.dtype.name}")
         descriptors.append({"name": name, "dtype": dtype, "shape": list(array.shape)})
         frames.append(_tensor_frame(array))
     head[field_name] = descriptors
@@ -187,7 +193,7 @@ def _tensor(desc: Mapping[str, Any], buf: memoryview) -> np.ndarray:
         raise ProtocolError(f"tensor {name!r}: unsupported dtype {dtype!r}")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise ProtocolError(f"tensor {name!r}: bad shape {shape!r}")
-    np_dtype = np.dtype(dtype)
+    np_dtype = _NUMPY[dtype]
     expected = np_dtype.itemsize
     for d in shape:
         expected *= d

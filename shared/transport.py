@@ -17,6 +17,7 @@ import zmq
 logger = logging.getLogger(__name__)
 
 HWM = 10_000
+_POLLIN = int(zmq.POLLIN)  # a plain int: ``zmq.POLLIN`` is an enum flag, whose ``&`` runs Python code
 
 
 def make_socket(
@@ -89,7 +90,7 @@ class LoopSocket:
     def send(self, frames: Sequence[Any]) -> None:
         """Send now or raise (``zmq.Again``: a DEALER with no connected peer, or a full queue)."""
         self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
-        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if self.sock.getsockopt(zmq.EVENTS) & _POLLIN:
             self._schedule()
 
     def _schedule(self) -> None:

@@ -44,6 +44,15 @@ def test_received_zmq_style_memoryviews_are_not_copied():
     assert not msg.tensors["x"].flags.owndata  # a view on the received buffer
 
 
+@pytest.mark.parametrize("dtype", [">f4", ">i8", ">f2", "<f8"])
+def test_arrays_in_either_byte_order_arrive_with_their_values(dtype):
+    x = np.array([[1.5, -2.0, 3.25]]).astype(dtype)
+    msg = protocol.parse_request(protocol.request(Kind.INFER, "b", inputs={"x": x}))
+    got = msg.tensors["x"]
+    assert got.dtype.isnative and got.dtype.name == x.dtype.name
+    np.testing.assert_array_equal(got, x)
+
+
 def test_unsupported_dtype_is_refused_when_packing():
     with pytest.raises(ProtocolError, match="unsupported dtype"):
         protocol.request(Kind.INFER, "x", inputs={"s": np.array(["a"])})
