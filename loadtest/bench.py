@@ -70,31 +70,6 @@ def machine(client_cpus: set[int], server_cpus: set[int]) -> dict[str, Any]:
     }
 
 
-def idle_slowdown(samples: int = 50, gap_s: float = 0.02) -> float:
-    """How many times slower a fixed piece of Python runs right after ``gap_s`` asleep than back to back.
-
-    At low load every request starts after an idle gap, in each of the threads it passes through. On
-    the VM these benchmarks were first run on, code run after such a gap was 1.2-3.8x slower than the
-    same code run warm, and the factor moved from minute to minute with the host (warm speed stayed
-    put), taking every low-load latency with it, the in-process baseline's included. Reported beside
-    the overhead so a reader can tell a slow spell of the machine from a slower server.
-    """
-    import statistics
-    import timeit
-
-    def work() -> int:
-        return sum(range(1000))
-
-    warm = min(timeit.repeat(work, number=200, repeat=5)) / 200
-    after_gap = []
-    for _ in range(samples):
-        time.sleep(gap_s)
-        t0 = time.perf_counter()
-        work()
-        after_gap.append(time.perf_counter() - t0)
-    return round(statistics.median(after_gap) / warm, 2)
-
-
 class Model:
     """A registered demo model, downloaded, with one request body and its encoded row."""
 
@@ -192,7 +167,7 @@ def measure_overhead(home: Path, ctx: dict[str, Any]) -> dict[str, Any]:
     small = Model(home, "small")
     threads = len(ctx["server_cpus"])
     direct = engine.direct_p50_ms(small.onnx, small.row, ctx["server_cpus"], intra_op_threads=threads)
-    out: dict[str, Any] = {"model": "small", "rate": 50.0, "direct_p50_ms": direct, "idle_slowdown": idle_slowdown()}
+    out: dict[str, Any] = {"model": "small", "rate": 50.0, "direct_p50_ms": direct}
     for config in ("tandem_adaptive", "baseline"):
         server = start(config, small, ctx["logs"], ctx["server_cpus"])
         try:

@@ -67,13 +67,7 @@ def render(result: dict[str, Any]) -> str:
             f"{_fmt(o['tandem_adaptive_p50_ms'])} ms (Tandem) and {_fmt(o['baseline_p50_ms'])} ms (baseline) against "
             f"{_fmt(o['direct_p50_ms'])} ms for the bare session on the same encoded row: Tandem's overhead is "
             f"**{_fmt(o['overhead_p50_ms'])} ms** at p50, the split costs {_fmt(o['split_cost_p50_ms'])} ms "
-            "over the in-process baseline."
-            + (
-                f" The machine ran code {_fmt(o['idle_slowdown'])}x slower after a 20 ms idle gap than back to back "
-                "(`idle_slowdown`; see Results for why that matters here)."
-                if o.get("idle_slowdown")
-                else ""
-            ),
+            "over the in-process baseline.",
         ]
     return "\n".join(lines)
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-from loadtest import bench, report
+from loadtest import report
 
 
 def result(model: str = "large", *, quick: bool = True, overhead: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -46,7 +45,6 @@ OVERHEAD = {
     "model": "small",
     "rate": 50.0,
     "direct_p50_ms": 0.0062,
-    "idle_slowdown": 2.41,
     "tandem_adaptive_p50_ms": 1.556,
     "baseline_p50_ms": 0.564,
     "overhead_p50_ms": 1.55,
@@ -60,14 +58,6 @@ def test_render_has_every_configuration_the_ratios_and_the_overhead():
         assert line in text
     assert "baseline 5.00x, baseline_per_core 4.50x, tandem_batch1 6.43x" in text
     assert "overhead is **1.55 ms** at p50, the split costs 0.99 ms" in text
-    assert "ran code 2.41x slower after a 20 ms idle gap" in text
-
-
-def test_render_takes_results_from_before_idle_slowdown_was_measured():
-    old = {k: v for k, v in OVERHEAD.items() if k != "idle_slowdown"}
-    text = report.render(result(overhead=old))
-    assert "overhead is **1.55 ms**" in text
-    assert "idle gap" not in text
 
 
 def test_update_doc_replaces_only_its_own_block(tmp_path: Path):
@@ -87,8 +77,3 @@ def test_update_doc_replaces_only_its_own_block(tmp_path: Path):
     block = text.split("<!-- bench:large-quick:begin -->")[1].split("<!-- bench:large-quick:end -->")[0]
     assert "| tandem_adaptive | 4,700 |" in block and "| tandem_adaptive | 4,500 |" not in block
     assert text.split("<!-- bench:small:begin -->")[1] == first.split("<!-- bench:small:begin -->")[1]
-
-
-def test_idle_slowdown_is_a_ratio_of_two_timings():
-    ratio = bench.idle_slowdown(samples=3, gap_s=0.001)
-    assert isinstance(ratio, float) and math.isfinite(ratio) and ratio > 0
