@@ -52,6 +52,13 @@ class TinyServer:
         self.ready.set()
         self.loop.run_forever()
         server.close()
+        # Connections still open (the client's pool) have handler tasks: end them, or the interpreter
+        # reports each as "Task was destroyed but it is pending!" at exit.
+        tasks = asyncio.all_tasks(self.loop)
+        for task in tasks:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        self.loop.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
