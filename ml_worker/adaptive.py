@@ -32,6 +32,10 @@ summed noise), then its own batch, grown by the rows expected to arrive meanwhil
 cost plus ``margin_s``. If that is past its deadline it is refused now (``overloaded``) rather than
 queued to die; so is anything beyond ``max_queue`` rows. Past capacity this keeps the queue at about
 one budget of work, so the load is shed at the door and the admitted requests still finish in time.
+One exception, the *probe*: a request the estimate would refuse is admitted and run anyway when the
+executor is idle with nothing queued, at most once per ``probe_interval_s``. Refused requests never
+run, so they never correct the cost model; without probes one stalled batch, or a slow stretch that
+has passed, could leave the model over-predicting and the worker refusing everything for good.
 
 Expiry: a queued request is answered ``deadline_exceeded`` and never run once its deadline has passed
 or it can no longer make it even if dispatched at the earliest moment (now, or when the running
@@ -74,6 +78,7 @@ class AdaptiveBatcher:
         rate_tau_s: float = 0.5,
         cost_window: int = 128,
         max_versions: int = 4,
+        probe_interval_s: float = 0.1,
     ) -> None:
         self.max_batch_size = max_batch_size
         self.max_latency_s = max_latency_s
@@ -87,6 +92,11 @@ class AdaptiveBatcher:
         Below 1 it trades a little waiting for larger, cheaper-per-row batches, which pays twice on a
         CPU: the model costs less per row, and the cores it frees serve the I/O loops beside it."""
         self.max_versions = max_versions
+        self.probe_interval_s = probe_interval_s
+        """Least time between two probes (see the module docstring): bounds the work spent on requests
+        the estimate says are doomed, if it is right, while letting it heal quickly if it is wrong."""
+        self._last_probe = -math.inf
+        self._probes: set[int] = set()  # id() of queued probes: never expired on a prediction
         self._cost_window = cost_window
         self._costs: dict[str, CostModel] = {}
         self._last_version: str | None = None
@@ -149,7 +159,10 @@ class AdaptiveBatcher:
         if self._rows and self._rows + item.rows > self.max_queue:
             return False
         if self._finish_estimate(item, now) > item.deadline:
-            return False
+            if self._rows or self._free_at(now) > now or now - self._last_probe < self.probe_interval_s:
+                return False
+            self._probes.add(id(item))
+            self._last_probe = now
         v = item.version
         if v not in self._queues:
             self._queues[v] = deque()
@@ -309,7 +322,7 @@ class AdaptiveBatcher:
             if id(p) not in self._live:
                 heapq.heappop(heap)
                 continue
-            if deadline > now and start + self.cost(p.version).upper(p.rows) <= deadline:
+            if deadline > now and (id(p) in self._probes or start + self.cost(p.version).upper(p.rows) <= deadline):
                 return
             heapq.heappop(heap)
             self._remove(p)
@@ -323,7 +336,7 @@ class AdaptiveBatcher:
         if not heap:
             return math.inf
         deadline, _, p = heap[0]
-        return deadline - self.cost(p.version).upper(p.rows)
+        return deadline if id(p) in self._probes else deadline - self.cost(p.version).upper(p.rows)
 
     def cancel(self, msg_id: str) -> bool:
         for q in self._queues.values():
@@ -333,9 +346,17 @@ class AdaptiveBatcher:
                     return True
         return False
 
+    def take_all(self) -> list[Pending]:
+        items = sorted((p for q in self._queues.values() for p in q if id(p) in self._live), key=lambda p: p.arrival)
+        for p in items:
+            self._remove(p)
+        self._heap.clear()
+        return items
+
     def _remove(self, p: Pending) -> None:
         """Forget a queued request; its deque and heap entries are dropped when next met."""
         self._live.discard(id(p))
+        self._probes.discard(id(p))
         self._rows -= p.rows
         self._vrows[p.version] -= p.rows
         if not self._vrows[p.version]:

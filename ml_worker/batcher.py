@@ -58,6 +58,9 @@ class Batcher(Protocol):
     def cancel(self, msg_id: str) -> bool:
         """Drop a queued request whose caller went away; True if it was still queued."""
 
+    def take_all(self) -> list[Pending]:
+        """Empty the queue, returning every request in it (for a shutdown to answer)."""
+
     def estimated_wait_s(self, now: float) -> float: ...
 
     @property
@@ -123,6 +126,12 @@ class SimpleBatcher:
                 self._rows -= p.rows
                 return True
         return False
+
+    def take_all(self) -> list[Pending]:
+        items = list(self._queue)
+        self._queue.clear()
+        self._rows = 0
+        return items
 
     def estimated_wait_s(self, now: float) -> float:
         return self._rows * self._mean_s_per_row

@@ -116,6 +116,11 @@ def _check(model: LoadedModel) -> None:
         raise ModelCheckFailed(f"{where}: outputs the wire cannot carry: {bad}")
     if out.shape[0] != len(instances):
         raise ModelCheckFailed(f"{where}: {len(instances)} example rows gave output shape {out.shape}")
+    # Replies are cut from every output row by row; an output without one row per input row (a scalar,
+    # say) could not be answered at all.
+    unbatched = sorted(n for n, o in outputs.items() if np.ndim(o) == 0 or len(o) != len(instances))
+    if unbatched:
+        raise ModelCheckFailed(f"{where}: outputs {unbatched} do not have one row per input row")
     got = predictions_from(out)
     if not np.allclose(np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64), rtol=1e-3, atol=1e-4):
         raise ModelCheckFailed(f"{where}: outputs do not match the input example's expected predictions")

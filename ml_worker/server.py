@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import signal
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 REFUSED = "cannot finish within the request's budget: queue too long"
 EXPIRED = "deadline passed, or could no longer be met, while queued"
+ABANDONED = "worker shut down before answering (drain timed out); safe to retry elsewhere"
 
 
 def make_batcher(settings: WorkerSettings) -> Batcher:
@@ -61,6 +63,9 @@ class WorkerServer:
         self.batcher = batcher or make_batcher(settings)
         self._models = ModelThreads(settings.batches_in_flight)
         self._in_flight = 0
+        self._running: dict[int, list[Pending]] = {}
+        """Batches handed to a model thread and not yet answered, by a token of their own."""
+        self._tokens = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._draining = False
         self._ctx = zmq.Context()
@@ -114,9 +119,24 @@ class WorkerServer:
         ):
             self.pump()
             await asyncio.sleep(0.01)
+        if self.batcher.depth or self._running:
+            self._abandon()
         logger.info("drained in %.2f s", time.monotonic() - start)
         for t in self._tasks:
             t.cancel()
+
+    def _abandon(self) -> None:
+        """The drain ran out of time: answer what is still held, queued or running, before the socket
+        closes, as ``overloaded`` so app servers retry it elsewhere. A running batch's late result is
+        then dropped by :meth:`_finish`, so nothing is answered twice."""
+        held = self.batcher.take_all()
+        running = [p for batch in self._running.values() for p in batch]
+        self._running.clear()
+        logger.warning("drain timed out: %d queued and %d running requests answered", len(held), len(running))
+        metrics.REQUESTS.labels("overloaded").inc(len(held) + len(running))
+        for p in held + running:
+            self._send(p.reply_to, protocol.reply(p.msg_id, Status.OVERLOADED, version=p.version, message=ABANDONED))
+        metrics.QUEUE_DEPTH.set(self.batcher.depth)
 
     # -- receiving -----------------------------------------------------------------------------------
 
@@ -313,22 +333,29 @@ class WorkerServer:
             return run(xs[0] if len(xs) == 1 else np.concatenate(xs))
 
         t0 = time.monotonic()
-        self._models.submit(job, lambda outputs, error: self._finish(model, batch, started, t0, outputs, error))
+        token = next(self._tokens)
+        self._running[token] = batch
+        self._models.submit(job, lambda outputs, error: self._finish(token, model, started, t0, outputs, error))
 
     def _finish(
         self,
+        token: int,
         model: LoadedModel,
-        batch: list[Pending],
         started: float,
         t0: float,
         outputs: dict[str, np.ndarray] | None,
         error: BaseException | None,
     ) -> None:
         try:
+            batch = self._running.pop(token, None)
+            if batch is None:  # a drain that ran out of time answered it already
+                return
             infer_s = time.monotonic() - t0
             rows = sum(p.rows for p in batch)
             if error is None and outputs is not None:
-                bad = [n for n, o in outputs.items() if o.shape[0] != rows]
+                # Checked before any reply is built: slicing an output without a row per input row
+                # (a scalar, say) would raise halfway and leave the batch's requests unanswered.
+                bad = [n for n, o in outputs.items() if np.ndim(o) == 0 or len(o) != rows]
                 if bad:
                     error = ValueError(f"outputs {bad} do not have one row per input row ({rows})")
             if error is not None or outputs is None:

@@ -329,3 +329,59 @@ async def test_a_batch_taken_before_the_batcher_failed_is_still_run_and_answered
         assert batcher.failed
         assert r.header["status"] == "ok"
         assert r.tensors["probability"][0, 0] == pytest.approx(expected[0], rel=1e-5)
+
+
+async def test_a_batch_whose_output_has_no_row_per_input_is_answered_error(model_dir, demo_registry):
+    """Slicing such an output per request would raise halfway through the replies, leaving the batch
+    unanswered; it is checked first, the batch answered ``error``, and the worker keeps serving."""
+    x, _ = example_rows(model_dir)
+    async with serving(model_dir, demo_registry.uri) as (server, client):
+        runner = server.store.get("1").runner
+        real_run = runner.run
+        runner.run = lambda batch: {**real_run(batch), "temperature": np.ones((), np.float32)}
+        req = protocol.request(Kind.INFER, "z", model="demo", version="1", budget_ms=2000, inputs={"input": x[:1]})
+        r = await ask(client, req, timeout=3.0)
+        assert r.header["status"] == "error" and "temperature" in r.header["message"]
+        runner.run = real_run
+        again = protocol.request(Kind.INFER, "y", model="demo", version="1", budget_ms=2000, inputs={"input": x[:1]})
+        assert (await ask(client, again)).header["status"] == "ok"
+        assert server._in_flight == 0
+
+
+async def test_a_drain_that_runs_out_of_time_answers_everything_it_still_holds(model_dir, demo_registry):
+    x, _ = example_rows(model_dir)
+    async with serving(model_dir, demo_registry.uri, drain_grace_s=0.0, max_batch_size=1) as (server, client):
+        server.store.live.runner = SlowRunner(server.store.live.runner, 1.0)
+        for i in range(3):
+            await client.send_multipart(
+                protocol.request(
+                    Kind.INFER, f"h{i}", model="demo", version="1", budget_ms=20_000, inputs={"input": x[:1]}
+                )
+            )
+        await asyncio.sleep(0.1)
+        assert server.batcher.depth == 2 and server._in_flight == 1  # one running for 1 s, two queued
+        await server.drain(timeout_s=0.3)
+        replies = {}
+        while len(replies) < 3:
+            msg = protocol.parse_reply(await asyncio.wait_for(client.recv_multipart(), 2))
+            replies[msg.id] = msg.header
+        assert {k: h["status"] for k, h in replies.items()} == {f"h{i}": "overloaded" for i in range(3)}
+        assert all("retry" in h["message"] for h in replies.values())
+        await asyncio.sleep(1.0)  # the running batch ends after the drain: dropped, its slot given back
+        assert server._in_flight == 0 and not server._running
+
+
+def test_a_version_with_an_output_lacking_a_row_per_input_is_refused_at_load(model_dir):
+    """Caught before the version goes live, so the one before it keeps serving."""
+    from ml_worker import models
+
+    model = load_version("demo", "1", model_dir)
+    real_run = model.runner.run
+    model.runner.run = lambda batch: {**real_run(batch), "temperature": np.ones((), np.float32)}
+    with pytest.raises(models.ModelCheckFailed, match="temperature"):
+        models._check(model)
+    model.runner.run = lambda batch: {**real_run(batch), "temperature": np.ones((1, 1), np.float32)}
+    with pytest.raises(models.ModelCheckFailed, match="temperature"):  # the example has more than one row
+        models._check(model)
+    model.runner.run = real_run
+    models._check(model)

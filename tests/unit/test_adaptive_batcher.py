@@ -147,12 +147,47 @@ def test_busy_executor_wakes_the_server_when_the_head_would_expire() -> None:
 
 def test_admission_refuses_what_cannot_finish_in_its_budget() -> None:
     b = seeded(max_batch_size=64)
-    assert not b.offer(req("hopeless", 0.0, budget_s=0.001), 0.0)  # less than one execution
     for i in range(640):  # ten full batches ahead: about 84 ms of work
         assert b.offer(req(i, 0.0, budget_s=10.0), 0.0)
     assert b.estimated_wait_s(0.0) == pytest.approx(10 * (A + 64 * C), rel=0.05)
+    assert not b.offer(req("hopeless", 0.0, budget_s=0.001), 0.0)  # less than one execution
     assert not b.offer(req("late", 0.0, budget_s=0.050), 0.0)
     assert b.offer(req("patient", 0.0, budget_s=0.200), 0.0)
+
+
+def test_an_idle_worker_probes_instead_of_refusing_for_good_after_a_stall() -> None:
+    """Refused requests never run, so only a probe can tell the cost model a stall is over."""
+    b = seeded()
+    assert b.offer(req("first", 0.0), 0.0) and b.poll(0.0, True).batch
+    b.observe("1", 1, 0.5)  # the first live batch stalled: the model now predicts ~0.1 s per call
+    t = 1.0
+    assert b.cost("1").upper(1) > 0.1
+    assert b.offer(req("probe", t, budget_s=0.1), t)  # idle, nothing queued: admitted anyway
+    assert not b.offer(req("behind", t, budget_s=0.1), t)  # not idle any more: refused on the estimate
+    poll = b.poll(t, True)
+    assert [p.msg_id for p in poll.batch] == ["probe"] and not poll.expired  # run, not expired on the estimate
+    b.observe("1", 1, A + C)
+    for i in range(8):  # probes keep coming while the estimate is wrong, and each one corrects it
+        t += 0.1
+        if b.cost("1").upper(1) <= 0.1:
+            break
+        assert b.offer(req(f"p{i}", t, budget_s=0.1), t)
+        assert b.poll(t, True).batch
+        b.observe("1", 1, A + C)
+    assert b.cost("1").upper(1) < 0.1
+    assert b.offer(req("busy", t, budget_s=10.0), t) and b.offer(req("normal", t, budget_s=0.1), t)
+
+
+def test_probes_go_only_to_an_idle_worker_and_at_most_once_per_interval() -> None:
+    b = seeded(probe_interval_s=0.1)
+    assert b.offer(req("ahead", 0.0, budget_s=1.0), 0.0)  # one request queued ahead
+    assert not b.offer(req("hopeless", 0.0, budget_s=0.001), 0.0)  # something is queued: no probe
+    b.poll(0.0, True)  # "ahead" starts: the executor is busy until about 2.1 ms
+    assert not b.offer(req("hopeless", 0.001, budget_s=0.001), 0.001)  # busy: no probe
+    assert b.offer(req("probe", 0.01, budget_s=0.001), 0.01)  # idle and empty: a probe
+    assert b.poll(0.01, True).batch
+    assert not b.offer(req("soon", 0.05, budget_s=0.001), 0.05)  # idle, but 40 ms after the last probe
+    assert b.offer(req("later", 0.2, budget_s=0.001), 0.2)
 
 
 def test_admission_bounds_the_queue_in_rows() -> None:
@@ -352,3 +387,16 @@ def test_cost_models_of_retired_versions_are_forgotten() -> None:
         b.poll(0.0, True)
         b.observe(v, 1, A + C)
     assert len(b._costs) <= 2
+
+
+@pytest.mark.parametrize("make", [seeded, SimpleBatcher])
+def test_take_all_empties_the_queue_in_arrival_order(make) -> None:
+    b = make()
+    for i, (t, v) in enumerate([(0.0, "1"), (0.001, "2"), (0.002, "1")]):
+        assert b.offer(req(f"r{i}", t, budget_s=1.0, version=v), t)
+    b.cancel("r1")
+    assert [p.msg_id for p in b.take_all()] == ["r0", "r2"]
+    assert b.depth == 0
+    poll = b.poll(0.003, True)
+    assert not poll.batch and not poll.expired
+    assert b.offer(req("again", 0.004), 0.004) and [p.msg_id for p in b.poll(0.004, True).batch] == ["again"]
