@@ -59,15 +59,17 @@ def format_loc(loc: tuple[Any, ...]) -> str:
     """``instances[3].amount``; a key that is not a plain name is quoted (``instances[0]["a.b"]``) so
     the path stays unambiguous whatever keys a caller sends."""
     path = ""
+    prev: Any = None
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part in ("str", "int", "float", "bool") and path:
-            continue  # pydantic names the union member it tried; callers do not care
+        elif part in ("str", "int", "float", "bool") and isinstance(prev, str):
+            continue  # after a field name, pydantic names the union member it tried; callers do not care
         elif path and not str(part).isidentifier():
             path += f"[{orjson.dumps(str(part)).decode()}]"
         else:
             path += f".{part}" if path else str(part)
+        prev = part
     return path
 
 

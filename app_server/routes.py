@@ -11,10 +11,11 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, FastAPI, Request, Response
+from starlette.requests import ClientDisconnect
 
 from app_server import metrics
 from app_server.predict import Predictor
-from shared.errors import InvalidInput, NoWorkers, TooLarge
+from shared.errors import ClientDisconnected, InvalidInput, NoWorkers, TooLarge
 from shared.features import FeatureSpec
 
 logger = logging.getLogger(__name__)
@@ -57,10 +58,14 @@ async def read_body(request: Request, max_bytes: int) -> bytearray:
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise TooLarge(f"body: {declared} bytes, at most {max_bytes}")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise TooLarge(f"body: more than {max_bytes} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:
+                raise TooLarge(f"body: more than {max_bytes} bytes")
+    except ClientDisconnect:
+        metrics.CLIENT_DISCONNECTS.inc()
+        raise ClientDisconnected(f"client left after {len(body)} bytes of the body") from None
     return body
 
 

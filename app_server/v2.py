@@ -30,7 +30,7 @@ from app_server import metrics
 from app_server.predict import Predictor, Prepared
 from app_server.routes import MAX_TIMEOUT_MS, budget_s, read_body
 from app_server.workers import WorkerConn, WorkerLost
-from shared.errors import InvalidInput, ModelError, ModelNotFound, NoWorkers, TandemError, TooLarge
+from shared.errors import DeadlineExceeded, InvalidInput, ModelError, ModelNotFound, NoWorkers, TandemError, TooLarge
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,9 @@ def _holders(predictor: Predictor, model: str, version: str | None) -> list[Work
     return conns if version is None else [c for c in conns if version in c.resident.get(model, [])]
 
 
-async def _describe(predictor: Predictor, model: str, version: str | None) -> tuple[str, dict[str, Any]]:
+async def _describe(
+    predictor: Predictor, model: str, version: str | None, timeout_s: float = 2.0
+) -> tuple[str, dict[str, Any]]:
     """The signature of ``version`` (default: the newest live version), from a worker that holds it."""
     conns = _holders(predictor, model, version)
     if not conns:
@@ -111,7 +113,7 @@ async def _describe(predictor: Predictor, model: str, version: str | None) -> tu
         version = conn.live_versions[model] or ""
     else:
         conn = conns[0]
-    return version, await predictor.pool.describe(conn, model, version)
+    return version, await predictor.pool.describe(conn, model, version, timeout_s)
 
 
 def _versions(predictor: Predictor, model: str) -> list[str]:
@@ -219,7 +221,7 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any
     """The JSON header of an inference request and the binary section that follows it (if any)."""
     if header_length is None:
         split = len(body)
-    elif header_length.isdigit() and int(header_length) <= len(body):
+    elif header_length.isascii() and header_length.isdigit() and int(header_length) <= len(body):
         split = int(header_length)
     else:
         raise InvalidInput(f"Inference-Header-Content-Length: {header_length!r} is not a length within the body")
@@ -305,7 +307,10 @@ def _requested_outputs(header: dict[str, Any], known: list[str]) -> list[tuple[s
     for i, o in enumerate(wanted):
         if o.get("name") not in known:
             raise InvalidInput(f"outputs[{i}].name: unknown output {o.get('name')!r}; the model has {known}")
-        out.append((o["name"], bool((o.get("parameters") or {}).get("binary_data", default_binary))))
+        parameters = o.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InvalidInput(f"outputs[{i}].parameters: expected an object")
+        out.append((o["name"], bool(parameters.get("binary_data", default_binary))))
     return out
 
 
@@ -349,7 +354,12 @@ async def infer(request: Request, name: str) -> Response:
     deadline = _deadline(request, header, settings.timeout_ms)
     # Checked against the signature of the version it will most likely run on, before any worker
     # is involved; re-checked below should a swap change the signature meanwhile.
-    _, desc = await _describe(predictor, model, version)
+    try:  # normally cached; asking a worker for it must not outlast the request's own deadline
+        _, desc = await _describe(predictor, model, version, min(2.0, max(deadline - time.monotonic(), 0.001)))
+    except WorkerLost:
+        if time.monotonic() >= deadline:
+            raise DeadlineExceeded("deadline passed waiting for the model's signature") from None
+        raise
     t0 = time.perf_counter()
     x = decode_input(header, binary, desc["inputs"][0], settings.max_instances)
     metrics.ENCODE_DURATION.observe(time.perf_counter() - t0)

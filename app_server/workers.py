@@ -25,7 +25,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from app_server import metrics
 from shared import protocol
-from shared.errors import NoWorkers, TandemError, from_wire
+from shared.errors import NoWorkers, ProtocolError, TandemError, from_wire
 from shared.protocol import Kind, Status
 from shared.settings import AppSettings
 from shared.transport import LoopSocket, make_socket
@@ -234,6 +234,11 @@ class WorkerPool:
             msg = protocol.parse_reply(frames, header)
         except TandemError as exc:
             logger.warning("unparseable reply from %s: %s", conn.endpoint, exc)
+            # When the id got through, the caller learns now instead of waiting out its deadline.
+            msg_id = protocol.protocol_error_id(exc) if isinstance(exc, ProtocolError) else None
+            fut = conn.pending.pop(msg_id, None) if msg_id else None
+            if fut is not None and not fut.done():
+                fut.set_exception(ProtocolError(f"worker {conn.endpoint} sent an unreadable reply: {exc.message}"))
             return
         if "models" in msg.header and msg.header.get("status") == Status.OK and not msg.tensors:
             try:
@@ -370,9 +375,12 @@ class WorkerPool:
         if cached is not None:
             return cached
         msg_id = self._next_id()
-        reply = await self.call(
-            conn, protocol.request(Kind.DESCRIBE, msg_id, model=model, version=version), msg_id, timeout_s
-        )
+        try:
+            reply = await self.call(
+                conn, protocol.request(Kind.DESCRIBE, msg_id, model=model, version=version), msg_id, timeout_s
+            )
+        except TimeoutError:  # retryable elsewhere; a 503 with Retry-After where nobody retries
+            raise WorkerLost(f"{conn.endpoint} did not describe {model} v{version} within {timeout_s:g} s") from None
         if reply.header.get("status") != Status.OK:
             raise from_wire(reply.header["status"], reply.header.get("message", ""))
         desc = reply.header["describe"]

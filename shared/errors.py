@@ -67,6 +67,13 @@ class ProtocolError(TandemError):
     http_status, code, wire_status = 500, "protocol_error", "bad_request"
 
 
+class ClientDisconnected(TandemError):
+    """The caller left while its request was still being read: nobody will see the answer, but the
+    access metrics should say why it ended (499, as nginx counts it), not count a server error."""
+
+    http_status, code = 499, "client_disconnected"
+
+
 class ModelNotFound(TandemError):
     http_status, code, wire_status = 404, "model_not_found", "bad_request"
 

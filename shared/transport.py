@@ -89,9 +89,11 @@ class LoopSocket:
 
     def send(self, frames: Sequence[Any]) -> None:
         """Send now or raise (``zmq.Again``: a DEALER with no connected peer, or a full queue)."""
-        self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
-        if self.sock.getsockopt(zmq.EVENTS) & _POLLIN:
-            self._schedule()
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        finally:  # a failed send may have consumed the descriptor's signal too
+            if not self.sock.closed and self.sock.getsockopt(zmq.EVENTS) & _POLLIN:
+                self._schedule()
 
     def _schedule(self) -> None:
         if not self._scheduled and self._loop is not None:

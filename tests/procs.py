@@ -59,6 +59,20 @@ class Proc:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+def sample(metrics_text: str, name: str, **labels: str) -> float:
+    """Value of one sample in a Prometheus exposition (0 if absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in metrics_text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        name_part, _, label_part = key.partition("{")
+        got = ",".join(sorted(label_part.rstrip("}").split(","))) if label_part else ""
+        if name_part == name and got == want:
+            return float(value)
+    return 0.0
+
+
 @dataclass
 class WorkerProc(Proc):
     endpoint: str = ""
@@ -69,21 +83,16 @@ class WorkerProc(Proc):
 
     def counter(self, name: str, **labels: str) -> float:
         """Value of one sample in the worker's /metrics (0 if absent)."""
-        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        for line in self.metrics().splitlines():
-            if line.startswith("#"):
-                continue
-            key, _, value = line.rpartition(" ")
-            sample, _, label_part = key.partition("{")
-            got = ",".join(sorted(label_part.rstrip("}").split(","))) if label_part else ""
-            if sample == name and got == want:
-                return float(value)
-        return 0.0
+        return sample(self.metrics(), name, **labels)
 
 
 @dataclass
 class AppProc(Proc):
     url: str = ""
+
+    def counter(self, name: str, **labels: str) -> float:
+        """Value of one sample in the app server's /metrics (0 if absent)."""
+        return sample(httpx.get(f"{self.url}/metrics", timeout=5).text, name, **labels)
 
 
 def tandem_argv(*args: str) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import zmq.asyncio
 
 from app_server.workers import WorkerLost, WorkerPool
 from shared import protocol
+from shared.errors import ProtocolError
 from shared.protocol import Kind, Status
 from shared.settings import AppSettings
 
@@ -114,4 +116,27 @@ async def test_a_failed_send_fails_every_call_it_carried(pool_and_worker):
     calls = [asyncio.ensure_future(pool.infer(conn, "demo", "1", {"input": x}, 5.0, f"f{i}")) for i in range(3)]
     results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 2)
     assert all(isinstance(r, WorkerLost) for r in results), results
+    assert not conn.pending
+
+
+async def test_an_unreadable_reply_fails_its_call_at_once_instead_of_at_its_deadline(pool_and_worker):
+    pool, conn, fake = pool_and_worker
+    x = np.ones((1, 2), np.float32)
+    call = asyncio.ensure_future(pool.infer(conn, "demo", "1", {"input": x}, 5.0, "r"))
+    ident, [(header, _)] = await _next_infer(fake)
+    reply = protocol.reply(header["id"], Status.OK, version="1", outputs={"probability": np.zeros((1, 1), np.float32)})
+    t0 = time.monotonic()
+    await fake.send_multipart([ident, reply[0], b"\x00\x00"])  # 2 bytes where the header describes 4
+    with pytest.raises(ProtocolError, match="unreadable reply"):
+        await asyncio.wait_for(call, 2)
+    assert time.monotonic() - t0 < 1.0 and not conn.pending
+
+
+async def test_a_describe_the_worker_never_answers_is_a_retryable_error(pool_and_worker):
+    pool, conn, _ = pool_and_worker
+    t0 = time.monotonic()
+    with pytest.raises(WorkerLost, match="did not describe") as exc:
+        await pool.describe(conn, "demo", "1", timeout_s=0.2)
+    assert time.monotonic() - t0 < 1.0
+    assert exc.value.http_status == 503 and exc.value.retry_after_s
     assert not conn.pending

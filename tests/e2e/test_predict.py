@@ -96,6 +96,7 @@ def test_v1_models_carries_spec_and_a_sendable_example(running, demo_registry):
         ),
         ({"instances": []}, 422, "instances: must not be empty"),
         ({"rows": []}, 422, "rows: unknown field"),
+        ({"instances": [{"amount": 1.0, "merchant_category": "fuel", "int": 1}]}, 422, "instances[0].int: "),
         (b"{not json", 422, "body: invalid JSON"),
         ({"instances": [{"amount": 1.0, "merchant_category": "fuel"}] * 257}, 413, "at most 256"),
     ],
@@ -169,3 +170,24 @@ def test_a_worker_without_a_metrics_port_serves(stack, demo_registry):
     wait_ready(a)
     r = httpx.post(f"{a.url}/predict", json={"instances": [{"amount": 5.0, "merchant_category": "fuel"}]})
     assert r.status_code == 200, bare.log()[-2000:]
+
+
+def test_a_client_leaving_mid_body_is_counted_499_not_a_server_error(running):
+    import socket
+    import time
+
+    a, _ = running
+    host, port = a.url.removeprefix("http://").split(":")
+    before = {code: a.counter("tandem_http_requests_total", route="/predict", code=code) for code in ("499", "500")}
+    gone = a.counter("tandem_client_disconnects_total")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{\"inst")  # fmt: skip
+        time.sleep(0.2)
+    for _ in range(50):
+        if a.counter("tandem_http_requests_total", route="/predict", code="499") > before["499"]:
+            break
+        time.sleep(0.1)
+    assert a.counter("tandem_http_requests_total", route="/predict", code="499") == before["499"] + 1
+    assert a.counter("tandem_http_requests_total", route="/predict", code="500") == before["500"]
+    assert a.counter("tandem_client_disconnects_total") == gone + 1

@@ -140,6 +140,7 @@ def _bad_bodies(width: int) -> list[tuple[dict, str]]:
         (body() | {"outputs": [{"name": "logits"}]}, "unknown output 'logits'"),
         (body() | {"parameters": {"timeout": -5}}, "parameters.timeout"),
         (body() | {"parameters": [1]}, "parameters: expected an object"),
+        (body() | {"outputs": [{"name": "probability", "parameters": [1]}]}, "outputs[0].parameters: expected"),
     ]
 
 
@@ -162,6 +163,11 @@ def test_bad_tensors_are_400_and_never_reach_a_worker(served, spec, client):
         headers={"Inference-Header-Content-Length": str(len(head))},
     )
     assert r.status_code == 400 and "binary_data_size 3" in r.json()["error"]
+    for length in (b"\xb2", b"-1", b"1e3"):  # "²" passes str.isdigit() but is no length
+        r = httpx.post(
+            f"{a.url}/v2/models/demo/infer", content=head + b"abc", headers={"Inference-Header-Content-Length": length}
+        )
+        assert r.status_code == 400 and "Inference-Header-Content-Length" in r.json()["error"], (length, r.text)
     inp = httpclient.InferInput("input", [1, spec.width], "FP64")
     inp.set_data_from_numpy(np.zeros((1, spec.width)))
     with pytest.raises(InferenceServerException) as exc:

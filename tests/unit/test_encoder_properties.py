@@ -236,3 +236,10 @@ def test_row_by_row_encoding_equals_the_vectorised_one(data):
     assert not isinstance(by_row, InvalidInput), by_row
     assert by_row.dtype == by_column.dtype == np.float32
     np.testing.assert_array_equal(by_row, by_column)  # NaN equals NaN here
+
+
+def test_field_paths_drop_union_member_names_but_not_fields_named_like_them():
+    assert format_loc(("instances", 0, "amount", "float")) == "instances[0].amount"
+    assert format_loc(("instances", 0, "int")) == "instances[0].int"
+    assert format_loc(("instances", 0, "bool", "bool")) == "instances[0].bool"
+    assert format_loc(("instances", 2, "a.b")) == 'instances[2]["a.b"]'
