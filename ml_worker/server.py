@@ -285,6 +285,8 @@ class WorkerServer:
             self._pump()
         except Exception:  # a batcher bug must not take the receive loop (and the worker) down
             logger.exception("batcher failed; retrying shortly")
+            if self._timer is not None:
+                self._timer.cancel()
             self._timer = asyncio.get_running_loop().call_later(0.01, self.pump)
 
     def _pump(self) -> None:
