@@ -230,8 +230,9 @@ class Encoder:
                 if f.transform == "log1p":
                     x = np.log1p(np.maximum(x, 0.0))
                 # Clamped into float32's finite range: a huge but valid number (1e300) must not reach
-                # the model as inf.
-                out[:, offset] = np.clip((x - f.mean) / (f.std or 1.0), -FLOAT32_LIMIT, FLOAT32_LIMIT)
+                # the model as inf (and overflowing on the way there is expected, not worth a warning).
+                with np.errstate(over="ignore"):
+                    out[:, offset] = np.clip((x - f.mean) / (f.std or 1.0), -FLOAT32_LIMIT, FLOAT32_LIMIT)
             elif isinstance(f, BooleanFeature):
                 out[:, offset] = np.asarray(values, dtype=bool)
             else:
