@@ -282,7 +282,11 @@ def decode_input(header: dict[str, Any], binary: bytes, spec: dict[str, Any], ma
         raise InvalidInput(f"{where}: data must hold only numbers for datatype FP32")
     if arr.size != count:
         raise InvalidInput(f"{where}: data has {arr.size} values, shape {shape} takes {count}")
-    return arr.astype(np.float32).reshape(shape)
+    with np.errstate(over="ignore"):
+        x = arr.astype(np.float32).reshape(shape)
+    if not np.isfinite(x).all():  # JSON has no inf or NaN: this is a number float32 cannot hold
+        raise InvalidInput(f"{where}: data holds a number beyond float32's range (about 3.4e38)")
+    return x
 
 
 def _deadline(request: Request, header: dict[str, Any], default_ms: float) -> float:

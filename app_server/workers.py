@@ -208,15 +208,19 @@ class WorkerPool:
             await asyncio.sleep(self.interval)
 
     def _on_pong(self, conn: WorkerConn, header: dict[str, Any]) -> None:
+        # Read in full before anything changes: a malformed heartbeat raises (the caller logs it) and
+        # leaves the worker as it was, not half-updated and marked alive with stale versions.
+        models = header.get("models") or {}
+        live_versions = {m: v.get("live") for m, v in models.items()}
+        resident = {m: list(v.get("resident") or []) for m, v in models.items()}
+        queue_depth = int(header.get("queue_depth") or 0)
+        est_wait_ms = float(header.get("est_wait_ms") or 0.0)
         conn.last_seen = time.monotonic()
         if not conn.alive:
             logger.info("worker %s is alive", conn.endpoint)
         conn.alive = True
-        models = header.get("models") or {}
-        conn.live_versions = {m: v.get("live") for m, v in models.items()}
-        conn.resident = {m: list(v.get("resident") or []) for m, v in models.items()}
-        conn.queue_depth = int(header.get("queue_depth") or 0)
-        conn.est_wait_ms = float(header.get("est_wait_ms") or 0.0)
+        conn.live_versions, conn.resident = live_versions, resident
+        conn.queue_depth, conn.est_wait_ms = queue_depth, est_wait_ms
         conn.device = header.get("device")
         conn.draining = bool(header.get("draining"))
 

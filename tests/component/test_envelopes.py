@@ -140,3 +140,26 @@ async def test_a_describe_the_worker_never_answers_is_a_retryable_error(pool_and
     assert time.monotonic() - t0 < 1.0
     assert exc.value.http_status == 503 and exc.value.retry_after_s
     assert not conn.pending
+
+
+async def _answer_next_ping(fake: zmq.asyncio.Socket, **fields) -> None:
+    while True:
+        ident, *frames = await asyncio.wait_for(fake.recv_multipart(), 5)
+        for header, _ in protocol.split(frames):
+            if header and header.get("kind") == "ping":
+                await fake.send_multipart([ident, *protocol.reply(header["id"], Status.OK, **fields)])
+                return
+
+
+async def test_a_malformed_heartbeat_changes_nothing_and_a_good_one_is_taken(pool_and_worker):
+    _, conn, fake = pool_and_worker
+    assert not conn.alive
+    await _answer_next_ping(fake, models={"demo": 5}, queue_depth=0)  # "5" is not {"live": ..., "resident": [...]}
+    await asyncio.sleep(0.2)
+    assert not conn.alive and conn.live_versions == {}
+    await _answer_next_ping(fake, models={"demo": {"live": "3", "resident": ["3"]}}, queue_depth=2)
+    for _ in range(50):
+        if conn.alive:
+            break
+        await asyncio.sleep(0.02)
+    assert conn.alive and conn.live_versions == {"demo": "3"} and conn.queue_depth == 2

@@ -131,6 +131,7 @@ def _bad_bodies(width: int) -> list[tuple[dict, str]]:
         (body(shape=[width]), f"expected [n, {width}]"),
         (body(shape=[2, width]), f"data has {width} values, shape [2, {width}] takes {2 * width}"),
         (body(data=["1"] * width), "only numbers"),
+        (body(data=[1e39] * width), "beyond float32's range"),
         (body(data=[[0.0], [0.0, 1.0]]), "rectangular"),
         (body(name="x"), "unknown input 'x'"),
         (body(shape=[0, width], data=[]), "at least one row"),
