@@ -247,16 +247,20 @@ class SlowRunner:
         return self.runner.run(x)
 
 
+async def send_one_row_requests(client, x: np.ndarray, n: int, budget_ms: float) -> None:
+    """Requests ``h0`` .. ``h{n-1}`` of one row each, sent without waiting for their answers."""
+    for i in range(n):
+        row = {"input": x[:1]}
+        await client.send_multipart(
+            protocol.request(Kind.INFER, f"h{i}", model="demo", version="1", budget_ms=budget_ms, inputs=row)
+        )
+
+
 async def test_draining_worker_refuses_new_work_and_answers_what_it_holds(model_dir, demo_registry):
     x, _ = example_rows(model_dir)
     async with serving(model_dir, demo_registry.uri, drain_grace_s=0.5, max_batch_size=4) as (server, client):
         server.store.live.runner = SlowRunner(server.store.live.runner, 0.3)
-        for i in range(5):
-            await client.send_multipart(
-                protocol.request(
-                    Kind.INFER, f"h{i}", model="demo", version="1", budget_ms=5000, inputs={"input": x[:1]}
-                )
-            )
+        await send_one_row_requests(client, x, 5, budget_ms=5000)
         await asyncio.sleep(0.05)  # received well within this; the first batch runs for 0.3 s
         assert server.batcher.depth >= 1 and server._in_flight == 1  # some running, some queued
         drain = asyncio.create_task(server.drain())
@@ -352,12 +356,7 @@ async def test_a_drain_that_runs_out_of_time_answers_everything_it_still_holds(m
     x, _ = example_rows(model_dir)
     async with serving(model_dir, demo_registry.uri, drain_grace_s=0.0, max_batch_size=1) as (server, client):
         server.store.live.runner = SlowRunner(server.store.live.runner, 1.0)
-        for i in range(3):
-            await client.send_multipart(
-                protocol.request(
-                    Kind.INFER, f"h{i}", model="demo", version="1", budget_ms=20_000, inputs={"input": x[:1]}
-                )
-            )
+        await send_one_row_requests(client, x, 3, budget_ms=20_000)
         await asyncio.sleep(0.1)
         assert server.batcher.depth == 2 and server._in_flight == 1  # one running for 1 s, two queued
         await server.drain(timeout_s=0.3)
