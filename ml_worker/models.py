@@ -20,7 +20,7 @@ from ml_worker.runners import OnnxRunner, Runner, TorchScriptRunner
 from shared.errors import ModelError
 from shared.features import FeatureSpec, load_spec, predictions_from
 from shared.protocol import DTYPES
-from shared.registry import model_files, read_input_example
+from shared.registry import VersionRef, cache_key, model_files, read_input_example
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,12 @@ class LoadedModel:
     model_dir: Path
     warm_timings: dict[int, float] = field(default_factory=dict)
     """Seconds per batch size measured at warm-up: the batcher's cost-model seed."""
+    origin: str = ""
+    """``registry.cache_key`` of the registry entry it was loaded from ("" when loaded from a folder)."""
+
+    def is_(self, ref: VersionRef) -> bool:
+        """Whether this is the registry entry ``ref``: the same number and, when known, the same files."""
+        return self.version == ref.version and (not self.origin or self.origin == cache_key(ref))
 
     @property
     def device(self) -> str:

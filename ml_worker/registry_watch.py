@@ -40,7 +40,10 @@ class RegistryWatcher:
 
     async def run(self) -> None:
         while True:
-            await self.poll_once()
+            try:
+                await self.poll_once()
+            except Exception:  # a bug here must not stop the watcher, nor (through serve()) the worker
+                logger.exception("registry watcher failed; polling again")
             interval = self.settings.poll_interval
             await asyncio.sleep(interval * random.uniform(0.8, 1.2))
 
@@ -71,13 +74,14 @@ class RegistryWatcher:
             return None
         self._warned_missing = False
         live = self.store.live
-        if live is not None and live.version == ref.version:
+        if live is not None and live.is_(ref):
             return None
         attempts, next_try = self._failures.get(ref.version, (0, 0.0))
         if time.monotonic() < next_try:
             return None
         resident = self.store.get(ref.version)
-        if resident is not None:  # a rollback inside the grace period: already loaded and checked
+        if resident is not None and resident.is_(ref):
+            # A rollback inside the grace period: already loaded and checked.
             self._swap(resident, 0.0)
             return resident
         t0 = time.monotonic()
@@ -85,7 +89,7 @@ class RegistryWatcher:
             model = await asyncio.to_thread(self._load, ref)
         except Exception as exc:
             attempts += 1
-            backoff = min(MAX_BACKOFF_S, self.settings.poll_interval * 2**attempts)
+            backoff = min(MAX_BACKOFF_S, self.settings.poll_interval * 2 ** min(attempts, 32))
             self._failures[ref.version] = (attempts, time.monotonic() + backoff)
             metrics.SWAPS.labels("failed").inc()
             logger.error(
@@ -98,13 +102,30 @@ class RegistryWatcher:
             )
             return None
         self._failures.pop(ref.version, None)
+        # Loading can take minutes: if the operator moved the alias meanwhile (a rollback of the very
+        # version being loaded, say), what was asked for then must not go live now.
+        try:
+            now_ref = await asyncio.to_thread(
+                registry.resolve, self.uri, name, alias=self.settings.alias, tag=self.settings.tag
+            )
+        except Exception:  # unreachable right now: go with what the registry named when this began
+            now_ref = ref
+        if now_ref is None or registry.cache_key(now_ref) != registry.cache_key(ref):
+            logger.warning(
+                "%s moved from v%s to %s while v%s loaded; not swapping it in",
+                self.target,
+                ref.version,
+                f"v{now_ref.version}" if now_ref else "nothing",
+                ref.version,
+            )
+            return None
         self._swap(model, time.monotonic() - t0)
         return model
 
     def _load(self, ref: registry.VersionRef) -> LoadedModel:
         folder = registry.download(self.uri, ref, self.cache_dir)
         s = self.settings
-        return load_version(
+        model = load_version(
             ref.name,
             ref.version,
             folder,
@@ -112,6 +133,8 @@ class RegistryWatcher:
             intra_op_threads=s.intra_op_threads,
             max_batch_size=s.max_batch_size,
         )
+        model.origin = registry.cache_key(ref)
+        return model
 
     def _swap(self, model: LoadedModel, load_s: float) -> None:
         previous = self.store.swap(model, time.monotonic())

@@ -8,6 +8,7 @@ several registries (tests do).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -151,11 +152,18 @@ def set_tag(uri: str, name: str, version: str, tag: str) -> None:
     client(uri).set_model_version_tag(name, str(version), key, value)
 
 
+def cache_key(ref: VersionRef) -> str:
+    """What names a version's files: its number plus where they came from. The number alone repeats:
+    a model deleted and registered again, or a wiped registry beside a kept cache, starts at 1 again."""
+    origin = hashlib.sha256(f"{ref.run_id}|{ref.source}".encode()).hexdigest()[:12]
+    return f"{ref.version}-{origin}"
+
+
 def download(uri: str, ref: VersionRef, cache_dir: Path) -> Path:
-    """The version's model folder in ``cache_dir``; downloaded once, then reused (keyed by version)."""
+    """The version's model folder in ``cache_dir``; downloaded once, then reused (see :func:`cache_key`)."""
     import mlflow.artifacts
 
-    target = Path(cache_dir) / ref.name / ref.version
+    target = Path(cache_dir) / ref.name / cache_key(ref)
     if (target / "MLmodel").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
