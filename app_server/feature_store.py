@@ -18,7 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from app_server import metrics
 from shared.errors import FeatureStoreUnavailable, InvalidInput
@@ -69,19 +69,37 @@ def format_value(value: Any) -> str | None:
     return str(value)
 
 
-def make_client(url: str, timeout_s: float) -> aioredis.Redis:
-    """A client whose every wait is bounded by ``timeout_s``.
+def format_id(value: Any) -> str:
+    """An entity id as it appears in keys: ``7`` whether it came as 7, "7" or 7.0 (a pandas integer
+    column with a gap is float64), so the loader writes the key a request for 7 reads."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
+
+MAX_CONNECTIONS = 64
+"""Connections per app server. Each request makes one pipelined round trip, so a few dozen carry
+thousands of requests per second; a burst beyond them waits for a free one (within the timeout)."""
+
+
+def make_client(url: str, timeout_s: float) -> aioredis.Redis:
+    """A client whose every wait is bounded by ``timeout_s``, waiting for a free connection included.
+
+    redis-py's default pool fails at once (``MaxConnectionsError``) when its 100 connections are busy:
+    a burst of concurrent requests got 503 from a healthy Redis. A blocking pool queues them instead.
     One immediate retry (no back-off) lets a request survive a pooled connection that Redis closed
     when it restarted; redis-py's default back-off of up to seconds would blow every request budget.
     """
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=timeout_s,
         decode_responses=True,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 1),
     )
+    return aioredis.Redis(connection_pool=pool)
 
 
 class RedisFeatureStore:
@@ -107,7 +125,7 @@ class RedisFeatureStore:
         encoder fills with defaults; a feature with no default is a 422 that names the entity.
         """
         assert spec.entity, "fill() needs a spec with an entity"
-        ids = {str(row[ENTITY_KEY]) for row in rows if row.get(ENTITY_KEY) is not None}
+        ids = {format_id(row[ENTITY_KEY]) for row in rows if row.get(ENTITY_KEY) is not None}
         if not ids:
             return rows
         stored = await self._read(spec.entity, sorted(ids))
@@ -117,7 +135,7 @@ class RedisFeatureStore:
             if entity_id is None:
                 filled.append(row)
                 continue
-            found = stored[str(entity_id)]
+            found = stored[format_id(entity_id)]
             out = dict(row)
             for f in spec.features:
                 if out.get(f.name) is not None:
@@ -143,13 +161,21 @@ class RedisFeatureStore:
                 async with self.client.pipeline(transaction=False) as pipe:
                     for entity_id in ids:
                         pipe.hgetall(entity_key(entity, entity_id))
-                    results = await pipe.execute()
+                    results = await pipe.execute(raise_on_error=False)
+        except UnicodeDecodeError:  # bad data, not an outage: retrying cannot help
+            raise InvalidInput(f"feature store: a stored {entity} value is not UTF-8 text") from None
         except (RedisError, OSError, TimeoutError) as exc:
             metrics.FEATURE_STORE_ERRORS.inc()
             reason = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
             raise FeatureStoreUnavailable(f"feature store unreachable ({reason})") from None
         finally:
             metrics.FEATURE_STORE_DURATION.observe(time.perf_counter() - t0)
+        for entity_id, r in zip(ids, results, strict=True):
+            if isinstance(r, ResponseError):  # WRONGTYPE: something other than a hash under the key
+                raise InvalidInput(f"feature store: {entity_key(entity, entity_id)} is not a hash of features ({r})")
+            if isinstance(r, Exception):
+                metrics.FEATURE_STORE_ERRORS.inc()
+                raise FeatureStoreUnavailable(f"feature store failed ({type(r).__name__}: {r})")
         hits = sum(1 for r in results if r)
         metrics.FEATURE_STORE_LOOKUPS.labels("hit").inc(hits)
         metrics.FEATURE_STORE_LOOKUPS.labels("miss").inc(len(ids) - hits)

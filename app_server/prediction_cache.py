@@ -60,12 +60,13 @@ class PredictionCache:
         try:
             async with asyncio.timeout(self.timeout_s):
                 raw = await self.client.mget(keys)
-        except (RedisError, OSError, TimeoutError) as exc:
+            found = [None if v is None else orjson.loads(v) for v in raw]
+        except (RedisError, OSError, TimeoutError, UnicodeDecodeError, orjson.JSONDecodeError) as exc:
+            # Unreachable, or something not written by put() under a cache key: a miss either way.
             self._failed("read", exc)
             metrics.PREDICTION_CACHE.labels("error").inc(len(keys))
             return [None] * len(keys)
         self._recovered()
-        found = [None if v is None else orjson.loads(v) for v in raw]
         hits = sum(1 for v in raw if v is not None)
         metrics.PREDICTION_CACHE.labels("hit").inc(hits)
         metrics.PREDICTION_CACHE.labels("miss").inc(len(keys) - hits)
@@ -87,7 +88,7 @@ class PredictionCache:
     def _failed(self, what: str, exc: BaseException) -> None:
         # Logged once per outage, not per request: a dead cache must not flood the log.
         if self._healthy:
-            logger.warning("prediction cache %s failed (%s); serving without it", what, exc or type(exc).__name__)
+            logger.warning("prediction cache %s failed (%s); serving without it", what, str(exc) or type(exc).__name__)
         self._healthy = False
 
     def _recovered(self) -> None:

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from app_server.feature_store import entity_key, format_value
+from app_server.feature_store import entity_key, format_id, format_value
 
 app = typer.Typer(help="Online features in Redis: bulk load, inspect.", no_args_is_help=True)
 
@@ -44,7 +44,7 @@ def _client(url: str | None) -> Any:
 
 def _csv_rows(path: Path, batch_size: int) -> Iterator[list[dict[str, Any]]]:
     """Batches of CSV rows; cells stay text (as Redis stores them), an empty cell is a missing value."""
-    with path.open(newline="", encoding="utf-8") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:  # Excel's "CSV UTF-8" starts with a BOM
         reader = csv.DictReader(fh)
         batch: list[dict[str, Any]] = []
         for row in reader:
@@ -81,7 +81,7 @@ def _columns(path: Path, parquet: bool) -> list[str]:
         import pyarrow.parquet as pq
 
         return list(pq.ParquetFile(path).schema_arrow.names)
-    with path.open(newline="", encoding="utf-8") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:  # Excel's "CSV UTF-8" starts with a BOM
         return next(csv.reader(fh), [])
 
 
@@ -130,7 +130,7 @@ def load(
                 if entity_id is None or entity_id == "" or not fields:
                     skipped += 1
                     continue
-                key = entity_key(entity, format_value(entity_id) or "")
+                key = entity_key(entity, format_id(entity_id))
                 if replace:
                     pipe.delete(key)
                 pipe.hset(key, mapping=fields)

@@ -203,3 +203,40 @@ async def test_concurrent_requests_share_the_pool(redis_server):
     results = await asyncio.gather(*(store.fill(SPEC, [row(entity_id=eid)]) for eid in ids))
     await store.close()
     assert all(r[0]["segment"] == "business" for r in results)
+
+
+@pytest.mark.asyncio
+async def test_a_burst_beyond_the_pool_waits_for_connections_instead_of_failing(redis_server):
+    """redis-py's default pool refused the 101st concurrent request: a 503 from a healthy Redis."""
+    ids = [new_id() for _ in range(300)]
+    for eid in ids:
+        put(redis_server, eid, STORED)
+    store = store_for(redis_server, timeout_ms=2000)
+    try:
+        results = await asyncio.gather(*(store.fill(SPEC, [row(entity_id=eid)]) for eid in ids), return_exceptions=True)
+    finally:
+        await store.close()
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, errors[:3]
+
+
+@pytest.mark.asyncio
+async def test_bad_data_under_a_key_is_a_422_not_an_outage(redis_server):
+    client = redis.Redis.from_url(redis_server)
+    wrong_type, not_utf8 = new_id(), new_id()
+    client.set(entity_key("account", wrong_type), "12.5")  # a string where a hash belongs
+    client.hset(entity_key("account", not_utf8), mapping={"segment": b"\xff\xfe"})
+    errors_before = metrics.FEATURE_STORE_ERRORS._value.get()
+    with pytest.raises(InvalidInput, match="not a hash of features"):
+        await fill(redis_server, [row(entity_id=wrong_type)])
+    with pytest.raises(InvalidInput, match="not UTF-8"):
+        await fill(redis_server, [row(entity_id=not_utf8)])
+    assert metrics.FEATURE_STORE_ERRORS._value.get() == errors_before  # not counted as an outage
+
+
+@pytest.mark.asyncio
+async def test_a_float_id_with_an_integer_value_finds_the_integer_key(redis_server):
+    eid = int(time.time() * 1000) % 10**9
+    put(redis_server, str(eid), STORED)
+    (filled,) = await fill(redis_server, [row(entity_id=float(eid))])
+    assert filled["segment"] == "business"

@@ -124,3 +124,18 @@ async def test_predictor_answers_repeats_from_cache_and_never_across_versions(re
     assert after["model_version"] == "2"
     assert all(a >= 1000 * 2 for a in after["predictions"])
     await predictor.cache.close()  # type: ignore[union-attr]
+
+
+async def test_a_value_put_did_not_write_is_a_miss_not_an_error(redis_server):
+    import redis
+
+    cache = cache_for(redis_server)
+    keys = cache.keys("m", "1", np.zeros((3, 2), np.float32))
+    raw = redis.Redis.from_url(redis_server)
+    raw.set(keys[0], b"\xff")
+    raw.set(keys[1], b"not json")
+    try:
+        assert await cache.get(keys) == [None, None, None]
+    finally:
+        await cache.close()
+        raw.delete(*keys)

@@ -234,3 +234,22 @@ def test_prediction_cache_answers_repeats_for_the_same_version(served, redis_ser
     assert re.search(r'^tandem_prediction_cache_total\{result="hit"\} 1\.0$', metrics, re.M), metrics
     assert re.search(r'^tandem_prediction_cache_total\{result="miss"\} 1\.0$', metrics, re.M)
     assert w.counter("tandem_worker_requests_total", outcome="ok") >= 1
+
+
+def test_load_reads_a_csv_saved_with_a_byte_order_mark(redis_server, tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM; it must not become part of the first column's name."""
+    import redis
+
+    eid = f"bom-{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "bom.csv"
+    path.write_text(f"amount,entity_id\n42.5,{eid}\n", encoding="utf-8-sig")
+    done = subprocess.run(
+        tandem_argv("features", "load", str(path), "--entity", "account", "--redis-url", redis_server, "--no-progress"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert redis.Redis.from_url(redis_server, decode_responses=True).hgetall(f"tandem:account:{eid}") == {
+        "amount": "42.5"
+    }
