@@ -133,6 +133,7 @@ def create_app(settings: AppSettings, pool: WorkerPool | None = None) -> FastAPI
             yield
         finally:
             await pool.close()
+            await app.state.predictor.cache_writes_done()
             for redis_user in (feature_store, cache):
                 if redis_user is not None:
                     await redis_user.close()

@@ -145,6 +145,7 @@ class Predictor:
         self.cache = cache
         self.specs = VersionSpecs(pool)
         self.in_flight = 0
+        self._cache_writes: set[asyncio.Future[None]] = set()  # referenced until done, or they may vanish
         metrics.IN_FLIGHT.set_function(lambda: self.in_flight)  # read at scrape time, not set per request
 
     def check_body(self, body: Any) -> list[Any]:
@@ -177,6 +178,11 @@ class Predictor:
         metrics.ENCODE_DURATION.observe(time.perf_counter() - t0)
         return Prepared(version, x, spec.input_name, spec.output_name)
 
+    async def cache_writes_done(self) -> None:
+        """Wait for the prediction-cache writes still under way (each bounded by the cache's timeout)."""
+        if self._cache_writes:
+            await asyncio.gather(*self._cache_writes, return_exceptions=True)
+
     @contextmanager
     def admitted(self) -> Iterator[None]:
         """Hold one of this app server's in-flight slots; refused at once (503) when all are taken, so a
@@ -200,7 +206,7 @@ class Predictor:
         async def prepare(conn: WorkerConn, version: str) -> Prepared:
             if version not in prepared:
                 prepared[version] = await self.prepare(conn, version, instances)
-                await self._look_up_cache(model, prepared[version])
+                await self._look_up_cache(model, prepared[version], deadline)
             return prepared[version]
 
         reply, p = await self.infer_prepared(model, prepare, request_id, deadline)
@@ -291,12 +297,16 @@ class Predictor:
             return set()
         return {c.endpoint for c in self.pool.conns.values() if version not in c.resident.get(model, [])}
 
-    async def _look_up_cache(self, model: str, p: Prepared) -> None:
-        """Mark which rows the cache already answers for this version (one MGET)."""
+    async def _look_up_cache(self, model: str, p: Prepared, deadline: float) -> None:
+        """Mark which rows the cache already answers for this version (one MGET).
+
+        Given at most half the time the request has left: a stalled cache then costs a miss, and the
+        request is still computed in time, instead of the cache's own timeout eating the whole budget.
+        """
         if self.cache is None:
             return
         p.cache_keys = self.cache.keys(model, p.version, p.x)
-        p.cached = await self.cache.get(p.cache_keys)
+        p.cached = await self.cache.get(p.cache_keys, timeout_s=max((deadline - time.monotonic()) / 2, 0.0))
         p.todo = np.fromiter((i for i, v in enumerate(p.cached) if v is None), np.intp)
 
     def _from_cache(self, p: Prepared, model: str, request_id: str) -> dict[str, Any]:
@@ -318,7 +328,10 @@ class Predictor:
                 if p.todo.size < len(p.cache_keys):  # would mix two versions in one answer
                     raise ModelError(f"worker answered v{version} for rows encoded for v{p.version}")
                 return {"predictions": predictions, "model": model, "model_version": version, "request_id": request_id}
-            await self.cache.put([p.cache_keys[i] for i in p.todo], predictions)
+            # Written off the response path: the caller has its answer, a slow cache must not delay it.
+            write = asyncio.ensure_future(self.cache.put([p.cache_keys[i] for i in p.todo], predictions))
+            self._cache_writes.add(write)
+            write.add_done_callback(self._cache_writes.discard)
             merged = list(p.cached or [])
             for i, prediction in zip(p.todo.tolist(), predictions, strict=True):
                 merged[i] = prediction

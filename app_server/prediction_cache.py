@@ -55,10 +55,11 @@ class PredictionCache:
             for row in rows
         ]
 
-    async def get(self, keys: list[str]) -> list[Any | None]:
-        """The cached prediction of each key, ``None`` for a miss (and for every key if Redis fails)."""
+    async def get(self, keys: list[str], timeout_s: float | None = None) -> list[Any | None]:
+        """The cached prediction of each key, ``None`` for a miss (and for every key if Redis fails or
+        does not answer within ``timeout_s``, at most the cache's own timeout)."""
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)):
                 raw = await self.client.mget(keys)
             found = [None if v is None else orjson.loads(v) for v in raw]
         except (RedisError, OSError, TimeoutError, UnicodeDecodeError, orjson.JSONDecodeError) as exc:

@@ -97,7 +97,10 @@ class FakePool:
 
 
 async def predict(predictor: Predictor, instances: list[dict]) -> dict:
-    return await predictor.predict(instances, "rid", time.monotonic() + 5)
+    """One request, then its cache write (made off the response path) settled."""
+    out = await predictor.predict(instances, "rid", time.monotonic() + 5)
+    await predictor.cache_writes_done()
+    return out
 
 
 @pytest.mark.asyncio
@@ -139,3 +142,24 @@ async def test_a_value_put_did_not_write_is_a_miss_not_an_error(redis_server):
     finally:
         await cache.close()
         raw.delete(*keys)
+
+
+@pytest.mark.asyncio
+async def test_a_stalled_cache_costs_a_miss_within_the_budget_not_the_request(redis_server):
+    import redis
+
+    model = f"m{uuid.uuid4().hex[:8]}"
+    pool = FakePool(Conn(live_versions={model: "1"}))
+    settings = AppSettings(redis_url=redis_server, prediction_cache_ttl_s=60, model=model, feature_timeout_ms=200)
+    predictor = Predictor(settings, pool, cache=PredictionCache.from_settings(settings))  # type: ignore[arg-type]
+    await predict(predictor, [{"x": 1.0}])  # the pool's connection is open before Redis stalls
+    redis.Redis.from_url(redis_server).execute_command("CLIENT", "PAUSE", 400, "ALL")
+    try:
+        t0 = time.monotonic()
+        out = await predictor.predict([{"x": 5.0}], "rid", t0 + 0.08)  # less than the cache's 200 ms
+        elapsed = time.monotonic() - t0
+        assert out["predictions"] and pool.calls[-1] == ("1", 1)
+        assert elapsed < 0.07, elapsed  # the read gave up at half the budget; the write did not wait
+    finally:
+        await asyncio.sleep(0.45)  # the pause is over
+        await predictor.cache.close()  # type: ignore[union-attr]
