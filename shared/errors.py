@@ -75,7 +75,16 @@ class ClientDisconnected(TandemError):
 
 
 class ModelNotFound(TandemError):
-    http_status, code, wire_status = 404, "model_not_found", "bad_request"
+    """No worker serves a model of that name (or this worker does not, on the wire)."""
+
+    http_status, code, wire_status = 404, "model_not_found", "model_not_found"
+
+
+class ModelLoading(TandemError):
+    """The model was unloaded to stay within a worker's memory budget and is loading again; it could
+    not be ready within the request's budget. Retry after ``retry_after_s``."""
+
+    http_status, code, wire_status, retry_after_s = 503, "model_loading", "model_loading", 1.0
 
 
 _FROM_WIRE: dict[str, type[TandemError]] = {
@@ -84,6 +93,8 @@ _FROM_WIRE: dict[str, type[TandemError]] = {
     "version_unavailable": VersionUnavailable,
     "bad_request": ProtocolError,
     "error": ModelError,
+    "model_not_found": ModelNotFound,
+    "model_loading": ModelLoading,
 }
 
 

@@ -1,4 +1,4 @@
-"""The wire protocol between app servers and workers (DESIGN §4).
+"""The wire protocol between app servers and workers (docs/architecture.md, "The wire").
 
 A message is a ZeroMQ multipart: frame 0 is a msgpack header, frames 1..n are the raw bytes of the
 tensors the header describes (``inputs`` on a request, ``outputs`` on a reply), in order. Tensors never
@@ -52,6 +52,11 @@ class Status(StrEnum):
     VERSION_UNAVAILABLE = "version_unavailable"
     BAD_REQUEST = "bad_request"
     ERROR = "error"
+    MODEL_NOT_FOUND = "model_not_found"
+    """This worker does not serve the model named in the request (it may have just left the set)."""
+    MODEL_LOADING = "model_loading"
+    """The model is not in memory here and cannot be loaded within the request's budget; the reply's
+    ``retry_after_ms`` says when it should be."""
 
 
 Frame = bytes | memoryview
@@ -211,7 +216,7 @@ def protocol_error_id(exc: ProtocolError) -> str | None:
     return getattr(exc, "msg_id", None)
 
 
-# Convenience constructors: the header fields of DESIGN §4 in one place.
+# Convenience constructors: the header fields of every message kind in one place.
 
 
 def request(

@@ -11,8 +11,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.model_targets import ModelOptions, ModelTarget, parse_model_config, parse_models
 
 DEFAULT_HOME = Path(".tandem")
 
@@ -26,8 +28,10 @@ class CommonSettings(BaseSettings):
     home: Path | None = None
     """Folder of a local Tandem registry (``tandem up --home``): sqlite file plus artifact folder."""
 
-    model: str = "demo"
-    """Registered model name this process serves."""
+    models: str | None = None
+    """Models served, as a comma list (``NAME``, ``NAME@ALIAS``, ``NAME@tag:KEY=VALUE``, ``*``; see
+    ``shared/model_targets.py``). Workers serve them; app servers wait for each named one in
+    ``/readyz``. Unset: the one-model form ``--model``."""
 
     log_level: str = "INFO"
     """Python logging level name."""
@@ -59,6 +63,17 @@ def home_registry_uri(home: Path) -> str:
 class WorkerSettings(CommonSettings):
     bind: str = "tcp://0.0.0.0:5555"
     """ZeroMQ endpoint the worker's ROUTER socket binds."""
+
+    model: str = "demo"
+    """The one-model form: the registered model served when ``models`` is unset."""
+
+    models_config: str | None = None
+    """Per-model knobs (weight, max_batch_size, max_latency_ms, max_queue, target_utilization) as inline
+    JSON or a JSON/YAML file: ``{"NAME": {"weight": 2}}``. Unnamed models take the worker-wide values."""
+
+    max_resident_mb: float = Field(0.0, ge=0)
+    """Memory budget of loaded versions; past it the least recently used model is unloaded and loaded
+    again on its next request. 0: no budget."""
 
     alias: str | None = "production"
     """Registry alias that names the version to serve (ignored when ``tag`` is set)."""
@@ -122,10 +137,29 @@ class WorkerSettings(CommonSettings):
             raise ValueError("tag must look like KEY=VALUE")
         return tag
 
+    @model_validator(mode="after")
+    def _targets_parse(self) -> WorkerSettings:
+        self.targets()  # a bad --models or --models-config fails at start-up, not at the first poll
+        self.model_options()
+        return self
+
+    def targets(self) -> list[ModelTarget]:
+        """What this worker serves: ``models``, else the one model ``model``."""
+        return parse_models(self.models or self.model, alias=self.alias, tag=self.tag)
+
+    def model_options(self) -> dict[str, ModelOptions]:
+        return parse_model_config(self.models_config)
+
 
 class AppSettings(CommonSettings):
     host: str = "0.0.0.0"
     """Interface uvicorn listens on."""
+
+    default_model: str | None = None
+    """The model ``POST /predict`` serves; unset: the only model the workers serve."""
+
+    model: str | None = None
+    """Older name of ``default_model`` (the one-model form); ``default_model`` wins when both are set."""
 
     port: int = Field(8000, ge=0, le=65535)
     """HTTP port."""
@@ -165,3 +199,15 @@ class AppSettings(CommonSettings):
 
     def worker_endpoints(self) -> list[str]:
         return [u.strip() for u in self.worker_urls.split(",") if u.strip()]
+
+    @property
+    def default(self) -> str | None:
+        """The default model's name, if one is configured."""
+        return self.default_model or self.model
+
+    def required_models(self) -> list[str]:
+        """Models ``/readyz`` waits for: those named in ``models`` (``*`` names none) and the default."""
+        names = [t.name for t in parse_models(self.models) if not t.every] if self.models else []
+        if self.default and self.default not in names:
+            names.append(self.default)
+        return names

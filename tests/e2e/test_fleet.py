@@ -29,6 +29,12 @@ def alive_workers(app_url: str) -> int:
     return sum(w["alive"] for w in httpx.get(f"{app_url}/v1/models").json()["models"][0]["workers"])
 
 
+def serving_workers(app_url: str) -> int:
+    """Workers alive with a live version: a restarted worker answers heartbeats before its model loads."""
+    workers = httpx.get(f"{app_url}/v1/models").json()["models"][0]["workers"]
+    return sum(bool(w["alive"] and w.get("live")) for w in workers)
+
+
 def test_kill_9_one_of_three_workers_under_load_fails_nothing(stack, demo_registry):
     workers = [stack.worker(demo_registry.uri) for _ in range(3)]
     a = stack.app([w.endpoint for w in workers])
@@ -77,7 +83,7 @@ def test_a_slow_worker_gets_less_traffic_and_a_restarted_worker_rejoins(stack, d
     wait_for(lambda: alive_workers(a.url) == 1, 5, what="killed worker out of the pool")
     again = stack.worker(demo_registry.uri, "--bind", fast.endpoint)
     again.metrics_port = int(again.argv[again.argv.index("--metrics-port") + 1])
-    wait_for(lambda: alive_workers(a.url) == 2, 30, what="restarted worker back in the pool")
+    wait_for(lambda: serving_workers(a.url) == 2, 30, what="restarted worker back in the pool with its model")
     load = openloop.run(f"{a.url}/predict", BODY, 40, 2.0, timeout_ms=1000)
     assert load["errors"] == {}
     assert again.counter("tandem_worker_requests_total", outcome="ok") > 0
