@@ -79,15 +79,17 @@ class Server:
             time.sleep(0.1)
 
     def batch_totals(self) -> tuple[float, float] | None:
-        """``(sum, count)`` of the worker's ``tandem_batch_size`` histogram; ``None`` without a worker."""
+        """``(sum, count)`` of the worker's ``tandem_batch_size`` histograms, every model together;
+        ``None`` without a worker."""
         if self.metrics_url is None:
             return None
         _, text = http_get(self.metrics_url, timeout=5)
         totals = {"tandem_batch_size_sum": 0.0, "tandem_batch_size_count": 0.0}
         for line in text.decode().splitlines():
-            name, _, value = line.partition(" ")
+            series, _, value = line.rpartition(" ")
+            name = series.partition("{")[0]
             if name in totals:
-                totals[name] = float(value)
+                totals[name] += float(value)
         return totals["tandem_batch_size_sum"], totals["tandem_batch_size_count"]
 
     def stop(self) -> None:

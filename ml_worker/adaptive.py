@@ -1,7 +1,9 @@
-"""The adaptive, deadline-aware batcher (DESIGN §5): dispatch, admission and expiry from a cost model.
+"""The adaptive, deadline-aware batcher: dispatch, admission and expiry from a cost model.
 
 A pure object like every batcher (see :mod:`ml_worker.batcher`): no clock, no threads, no I/O; every
-method takes ``now``. Requests queue per model version in arrival order; a batch holds one version.
+method takes ``now``. A worker has one per model it serves; requests queue per version of that model in
+arrival order, and a batch holds one version. The executor is shared with the other models' batchers
+through an :class:`~ml_worker.sharing.ExecutorShare`: when it is free, and what the others have queued.
 
 Dispatch (only while the server says a batch may start; otherwise the batch keeps growing). The
 forming batch is the oldest version's queue, taken in order up to ``max_batch_size`` rows, and goes
@@ -13,11 +15,14 @@ as soon as any of these holds:
 3. window: ``max_latency_s`` has passed since its oldest request arrived;
 4. enough: it has at least ``b*`` rows, the smallest batch that keeps the executor busy at most a
    fraction rho (``target_utilization``) of the time at the arrival rate: ``λ'·t(b)/b ≤ rho`` gives
-   ``b* = ⌈λ'a / (rho - λ'c)⌉``, ``λ'`` the arrival rate times ``headroom``. With rho = 1 that is the
-   smallest batch that merely keeps up; rho < 1 keeps queueing delay bounded and, on a CPU, leaves
-   cores to the I/O loops beside the model. At low load ``b* = 1``, so a lone request runs at once;
-   near capacity ``b*`` reaches the full batch.
-5. another version is queued behind it (a swap is under way): holding would only delay both.
+   ``b* = ⌈λ'a / (rho - λ'c)⌉``, ``λ'`` the version's arrival rate times ``headroom``. With rho = 1
+   that is the smallest batch that merely keeps up; rho < 1 keeps queueing delay bounded and, on a CPU,
+   leaves cores to the I/O loops beside the model. At low load ``b* = 1``, so a lone request runs at
+   once; near capacity ``b*`` reaches the full batch. What the other models keep busy is taken off rho
+   first, so a model sharing a loaded executor forms larger, cheaper batches.
+
+The arrival rate behind ``b*`` is the version's own: during a swap the old version's rate decays
+within a second, so its last requests go at once instead of waiting for company that is not coming.
 
 When none holds, :attr:`Poll.wait_s` is the time until the window closes or the deadline rule fires,
 whichever is first, so the server wakes exactly then (arrivals and finished batches wake it anyway).
@@ -27,9 +32,10 @@ When a batch goes, it takes the prefix of the candidates that finishes the most 
 than run in a one-row batch).
 
 Admission (:meth:`AdaptiveBatcher.offer`) estimates when the request would finish: the running batch's
-predicted end, the queue ahead drained in full batches at mean cost (plus three deviations of their
-summed noise), then its own batch, grown by the rows expected to arrive meanwhile, at the pessimistic
-cost plus ``margin_s``. If that is past its deadline it is refused now (``overloaded``) rather than
+predicted end, the queue ahead drained in full batches at mean cost, each version's rows at that
+version's cost (plus three deviations of their summed noise), what the other models will run meanwhile
+at their fair share, then its own batch, grown by the rows expected to arrive meanwhile, at the
+pessimistic cost plus ``margin_s``. If that is past its deadline it is refused now (``overloaded``) rather than
 queued to die; so is anything beyond ``max_queue`` rows. Past capacity this keeps the queue at about
 one budget of work, so the load is shed at the door and the admitted requests still finish in time.
 One exception, the *probe*: a request the estimate would refuse is admitted and run anyway when the
@@ -43,8 +49,9 @@ batch is predicted to end) at the pessimistic cost: a late answer is useless to 
 already given up, and running it takes the executor from requests that can still make it. The test
 leaves out ``margin_s``, so the margin is slack between "must go now" and "give up".
 
-Costs are per model version (the device is fixed per worker). With more than one batch in flight
-the executor is still treated as one queue: parallel batches on one device slow each other down.
+Costs are per version (the device is fixed per worker). With more than one batch in flight the
+executor is still treated as one queue: parallel batches on one device slow each other down.
+See docs/architecture.md, "Adaptive batching".
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ from collections.abc import Mapping
 
 from ml_worker.batcher import Pending, Poll
 from ml_worker.cost_model import ArrivalRate, CostModel
+from ml_worker.sharing import ExecutorShare
 
 MAX_SKIPS = 8
 """Requests too large for the forming batch that a scan steps over looking for smaller ones."""
@@ -79,6 +87,8 @@ class AdaptiveBatcher:
         cost_window: int = 128,
         max_versions: int = 4,
         probe_interval_s: float = 0.1,
+        name: str = "",
+        share: ExecutorShare | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
         self.max_latency_s = max_latency_s
@@ -97,17 +107,21 @@ class AdaptiveBatcher:
         the estimate says are doomed, if it is right, while letting it heal quickly if it is wrong."""
         self._last_probe = -math.inf
         self._probes: set[int] = set()  # id() of queued probes: never expired on a prediction
+        self.name = name
+        """The model this batcher queues for, as the shared executor knows it."""
+        self._share = share or ExecutorShare()
         self._cost_window = cost_window
         self._costs: dict[str, CostModel] = {}
         self._last_version: str | None = None
+        self._rate_tau_s = rate_tau_s
         self._rate = ArrivalRate(rate_tau_s)
+        self._vrates: dict[str, ArrivalRate] = {}
         self._queues: dict[str, deque[Pending]] = {}
         self._vrows: dict[str, int] = {}
         self._rows = 0
         self._live: set[int] = set()  # id() of queued items; heap and deques drop dead ones lazily
         self._heap: list[tuple[float, int, Pending]] = []  # (deadline, seq, item): expiry order
         self._seq = itertools.count()
-        self._ends: list[float] = []  # predicted end of each batch in flight
 
     # -- cost model ----------------------------------------------------------------------------------
 
@@ -133,8 +147,7 @@ class AdaptiveBatcher:
     def observe(self, version: str, rows: int, seconds: float) -> None:
         self.cost(version).observe(rows, seconds)
         self._last_version = version
-        if self._ends:
-            heapq.heappop(self._ends)  # a batch finished: drop the earliest predicted end
+        self._share.finished()  # a batch finished: drop the earliest predicted end
 
     def arrival_rate(self, now: float) -> float:
         """Rows per second offered recently (admitted or not)."""
@@ -147,6 +160,18 @@ class AdaptiveBatcher:
                 break
             if v not in (keep, self._last_version) and not self._vrows.get(v):
                 del self._costs[v]
+                self._vrates.pop(v, None)
+
+    def backlog_s(self) -> float:
+        """Predicted seconds of execution queued here, each version's rows at that version's cost."""
+        return sum(self._drain_s(rows, self.cost(v)) for v, rows in self._vrows.items())
+
+    def utilization(self, now: float) -> float:
+        """Share of the executor this model's arrivals need at full batches (a lower bound of its use)."""
+        if not self._last_version:
+            return 0.0
+        b = self.max_batch_size
+        return self._rate.rate(now) * self.cost(self._last_version).predict(b) / b
 
     # -- admission -----------------------------------------------------------------------------------
 
@@ -156,6 +181,10 @@ class AdaptiveBatcher:
 
     def offer(self, item: Pending, now: float) -> bool:
         self._rate.add(item.rows, now)
+        vrate = self._vrates.get(item.version)
+        if vrate is None:
+            vrate = self._vrates[item.version] = ArrivalRate(self._rate_tau_s)
+        vrate.add(item.rows, now)
         if self._rows and self._rows + item.rows > self.max_queue:
             return False
         if self._finish_estimate(item, now) > item.deadline:
@@ -178,41 +207,48 @@ class AdaptiveBatcher:
 
     def estimated_wait_s(self, now: float) -> float:
         """Seconds until a request arriving now would start executing (for routing heartbeats)."""
-        cost = self.cost(self._last_version) if self._last_version else None
-        busy = self._free_at(now) - now
-        return busy + (self._drain_s(self._rows, cost) if cost else 0.0)
+        own = self.backlog_s()
+        return self._free_at(now) - now + own + self._share.others_backlog_s(self.name, own)
 
     def _finish_estimate(self, item: Pending, now: float) -> float:
         """Predicted end of ``item``'s batch if it were queued now, pessimistically.
 
-        FIFO: the queue ahead drains in full batches at mean cost, plus three deviations of their
-        summed noise; then its own batch, which by then holds the rows arriving meanwhile too (at
-        high load it is full, not the partial batch the queue shows now), at the pessimistic cost.
+        FIFO: the queue ahead drains in full batches at mean cost, each version's rows at its own
+        cost, plus three deviations of their summed noise, and the other models run their fair share
+        meanwhile; then its own batch, which by then holds the rows arriving meanwhile too (at high
+        load it is full, not the partial batch the queue shows now), at the pessimistic cost.
         """
-        cost = self.cost(item.version)
+        v = item.version
+        cost = self.cost(v)
         start = self._free_at(now)
         b = self.max_batch_size
+        queued = self._vrows.get(v, 0)
         if item.rows >= b:  # runs alone, after everything queued
-            ahead = self._rows
+            ahead = queued
             own = item.rows
         else:
-            total = self._rows + item.rows
+            total = queued + item.rows
             ahead = (total - 1) // b * b
             own = total - ahead
-        wait = self._drain_s(ahead, cost) + 3.0 * cost.sigma * math.sqrt(-(-ahead // b))
+        others = sum(self._drain_s(rows, self.cost(u)) for u, rows in self._vrows.items() if u != v)
+        mine = self._drain_s(ahead, cost) + others
+        wait = mine + self._share.others_backlog_s(self.name, mine + cost.predict(own))
+        wait += 3.0 * cost.sigma * math.sqrt(-(-ahead // b))
         if item.rows < b:
-            own = min(b, own + math.ceil(self._rate.rate(now) * wait))
+            own = min(b, own + math.ceil(self._version_rate(v, now) * wait))
         return start + wait + cost.upper(own) + self.margin_s
+
+    def _version_rate(self, version: str, now: float) -> float:
+        rate = self._vrates.get(version)
+        return rate.rate(now) if rate is not None else 0.0
 
     def _drain_s(self, rows: int, cost: CostModel) -> float:
         full, rest = divmod(rows, self.max_batch_size)
         return full * cost.predict(self.max_batch_size) + (cost.predict(rest) if rest else 0.0)
 
     def _free_at(self, now: float) -> float:
-        """When the executor is predicted to be free: now, or the earliest in-flight batch's end."""
-        while self._ends and self._ends[0] <= now:  # overdue or finished without observe()
-            heapq.heappop(self._ends)
-        return self._ends[0] if self._ends else now
+        """When the shared executor is predicted to be free: now, or the earliest in-flight batch's end."""
+        return self._share.free_at(now)
 
     # -- dispatch ------------------------------------------------------------------------------------
 
@@ -236,8 +272,7 @@ class AdaptiveBatcher:
             or left_behind
             or now >= latest_start
             or now >= window_close
-            or rows >= self._target_rows(cost, now)
-            or self._vrows[version] < self._rows
+            or rows >= self._target_rows(version, cost, now)
         )
         if not go:
             self._queues[version].extendleft(reversed(cands))
@@ -248,7 +283,7 @@ class AdaptiveBatcher:
         for p in cands[:k]:
             self._remove(p)
             (result.batch if p.deadline >= cutoff else result.expired).append(p)
-        heapq.heappush(self._ends, now + cost.predict(sum(p.rows for p in result.batch)))
+        self._share.started(now + cost.predict(sum(p.rows for p in result.batch)))
         return result
 
     def _candidates(self, version: str) -> tuple[list[Pending], bool]:
@@ -299,11 +334,14 @@ class AdaptiveBatcher:
             q.popleft()
         return q[0]
 
-    def _target_rows(self, cost: CostModel, now: float) -> float:
+    def _target_rows(self, version: str, cost: CostModel, now: float) -> float:
         """``b*``: the smallest batch with which the executor is busy at most ``target_utilization`` of
-        the time at the current arrival rate: ``λ·t(b)/b ≤ rho`` gives ``b ≥ λa / (rho - λc)``."""
-        lam = self._rate.rate(now) * self.headroom
+        the time at the version's arrival rate: ``λ·t(b)/b ≤ rho`` gives ``b ≥ λa / (rho - λc)``. The
+        other models' use comes off rho first (never below a quarter of it: their estimate is a
+        lower bound, and a model must not be pushed to full batches by a neighbour's brief burst)."""
+        lam = self._version_rate(version, now) * self.headroom
         rho = self.target_utilization
+        rho = max(rho - self._share.others_utilization(self.name, now), 0.25 * rho)
         if lam * cost.c >= rho:
             return self.max_batch_size
         return max(1.0, math.ceil(lam * cost.a / (rho - lam * cost.c)))

@@ -1,4 +1,4 @@
-"""Batching policy: which queued requests run together, and when.
+"""Batching policy: which queued requests of one model run together, and when.
 
 A batcher is a pure object driven by the server with explicit timestamps (no clock, no I/O, no
 threads), so the same code runs in the worker and in unit tests with a fake clock. The server calls
@@ -30,6 +30,8 @@ class Pending:
     request_id: str = ""
     batch_replies: bool = False
     """The caller takes this reply in one envelope with others of the same batch (``protocol.pack_batch``)."""
+    model: str = ""
+    """The registered model it is for (each model has its own batcher; replies echo it)."""
 
     @property
     def rows(self) -> int:
@@ -62,6 +64,12 @@ class Batcher(Protocol):
         """Empty the queue, returning every request in it (for a shutdown to answer)."""
 
     def estimated_wait_s(self, now: float) -> float: ...
+
+    def backlog_s(self) -> float:
+        """Predicted seconds of execution queued (what the other models' batchers weigh it by)."""
+
+    def utilization(self, now: float) -> float:
+        """Share of the executor this model's arrivals need."""
 
     @property
     def depth(self) -> int:
@@ -134,4 +142,10 @@ class SimpleBatcher:
         return items
 
     def estimated_wait_s(self, now: float) -> float:
+        return self.backlog_s()
+
+    def backlog_s(self) -> float:
         return self._rows * self._mean_s_per_row
+
+    def utilization(self, now: float) -> float:
+        return 0.0  # it keeps no arrival rate

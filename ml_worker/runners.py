@@ -1,6 +1,6 @@
 """Model runners: a model file in, ``run(x) -> {output name: array}`` out.
 
-Runners are called from the worker's model threads only (``model_threads.py``); with several batches
+Runners are called from the worker's executor threads only (``executor.py``); with several batches
 in flight, from several at once.
 """
 

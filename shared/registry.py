@@ -127,6 +127,39 @@ def resolve(uri: str, name: str, *, alias: str | None = None, tag: str | None = 
     return resolve_alias(uri, name, alias or "production")
 
 
+def get_version(uri: str, name: str, version: str) -> VersionRef:
+    return _ref(client(uri).get_model_version(name, str(version)))
+
+
+def models_with_alias(uri: str, alias: str) -> dict[str, str]:
+    """Every registered model that has ``alias``, with the version it names (one paged search)."""
+    c = client(uri)
+    found: dict[str, str] = {}
+    token = None
+    while True:
+        page = c.search_registered_models(max_results=1000, page_token=token)
+        for rm in page:
+            version = (getattr(rm, "aliases", None) or {}).get(alias)
+            if version is not None:
+                found[rm.name] = str(version)
+        token = page.token
+        if not token:
+            return found
+
+
+def list_models(uri: str) -> list[str]:
+    """Names of every registered model."""
+    c = client(uri)
+    names: list[str] = []
+    token = None
+    while True:
+        page = c.search_registered_models(max_results=1000, page_token=token)
+        names += [rm.name for rm in page]
+        token = page.token
+        if not token:
+            return sorted(names)
+
+
 def list_versions(uri: str, name: str) -> list[VersionRef]:
     """Every version with its aliases (an MLflow server leaves aliases out of version searches, so they
     are taken from the registered model)."""

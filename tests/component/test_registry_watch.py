@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from ml_worker import registry_watch
-from ml_worker.models import ModelStore
-from ml_worker.registry_watch import MAX_BACKOFF_S, RegistryWatcher
+from ml_worker import loader
+from ml_worker.loader import Loader
+from ml_worker.registry_watch import MAX_BACKOFF_S, ModelWatch
+from ml_worker.server import make_batcher
+from ml_worker.slots import ModelSlot
 from shared import registry
+from shared.model_targets import ModelTarget
 from shared.settings import WorkerSettings, home_registry_uri
 
 NAME = "watched"
@@ -30,9 +33,10 @@ def reg(demo_registry, tmp_path: Path) -> tuple[str, Path]:
     return uri, folder
 
 
-def watcher(uri: str, tmp_path: Path) -> RegistryWatcher:
+def watcher(uri: str, tmp_path: Path) -> ModelWatch:
     settings = WorkerSettings(bind="tcp://127.0.0.1:*", registry_uri=uri, model=NAME, poll_interval=0.05)
-    return RegistryWatcher(settings, ModelStore(NAME, settings.keep_previous_s), tmp_path / "cache")
+    slot = ModelSlot(ModelTarget(NAME), make_batcher(settings, NAME))
+    return ModelWatch(slot, Loader(settings, tmp_path / "cache"), settings.poll_interval)
 
 
 async def test_a_version_withdrawn_while_it_loaded_does_not_go_live(reg, tmp_path, monkeypatch):
@@ -40,16 +44,16 @@ async def test_a_version_withdrawn_while_it_loaded_does_not_go_live(reg, tmp_pat
     w = watcher(uri, tmp_path)
     assert (await w.poll_once()).version == "1"
     registry.set_alias(uri, NAME, "production", "2")
-    real_load = registry_watch.load_version
+    real_load = loader.load_version
 
     def load_then_roll_back(*args, **kwargs):
         model = real_load(*args, **kwargs)
         registry.set_alias(uri, NAME, "production", "1")  # the operator takes v2 back while it warms up
         return model
 
-    monkeypatch.setattr(registry_watch, "load_version", load_then_roll_back)
+    monkeypatch.setattr(loader, "load_version", load_then_roll_back)
     assert await w.poll_once() is None
-    assert w.store.live.version == "1" and w.store.versions == ["1"]
+    assert w.slot.live.version == "1" and w.slot.versions == ["1"]
 
 
 async def test_failures_back_off_to_a_cap_however_many_and_never_stop_the_watcher(reg, tmp_path, monkeypatch):
@@ -61,12 +65,12 @@ async def test_failures_back_off_to_a_cap_however_many_and_never_stop_the_watche
     def broken(*args, **kwargs):
         raise RuntimeError("bad files")
 
-    monkeypatch.setattr(registry_watch, "load_version", broken)
+    monkeypatch.setattr(loader, "load_version", broken)
     w._failures["2"] = (5000, 0.0)  # thousands of failed tries before: 2**5000 overflows a float
     assert await w.poll_once() is None
     attempts, next_try = w._failures["2"]
     assert attempts == 5001 and next_try <= time.monotonic() + MAX_BACKOFF_S
-    assert w.store.live.version == "1"
+    assert w.slot.live.version == "1"
 
     polls = []
 
@@ -100,5 +104,5 @@ async def test_a_number_reused_by_a_new_registration_is_new_files(reg, tmp_path)
     assert path != first.model_dir and (path / "extra_files" / "notes.txt").exists()
     second = await w.poll_once()
     assert second is not None and second.version == "1" and second.model_dir == path
-    assert w.store.live is second
+    assert w.slot.live is second
     assert await w.poll_once() is None  # and once live, it is not loaded again

@@ -13,10 +13,13 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from ml_worker import versions
 from ml_worker.batcher import Poll, SimpleBatcher
-from ml_worker.models import ModelStore, load_version
-from ml_worker.server import WorkerServer
+from ml_worker.server import WorkerServer, make_batcher
+from ml_worker.slots import ModelSlot
+from ml_worker.versions import load_version
 from shared import protocol, registry
+from shared.model_targets import ModelTarget
 from shared.protocol import Kind
 from shared.settings import WorkerSettings
 
@@ -29,9 +32,9 @@ def model_dir(demo_registry, tmp_path_factory) -> Path:
 @contextlib.asynccontextmanager
 async def serving(model_dir: Path, registry_uri: str, batcher=None, **overrides):
     settings = WorkerSettings(bind="tcp://127.0.0.1:*", registry_uri=registry_uri, **overrides)
-    store = ModelStore("demo")
-    store.swap(load_version("demo", "1", model_dir), time.monotonic())
-    server = WorkerServer(settings, store=store, batcher=batcher)
+    slot = ModelSlot(ModelTarget("demo"), batcher or make_batcher(settings, "demo"))
+    slot.swap(load_version("demo", "1", model_dir), time.monotonic())
+    server = WorkerServer(settings, slots=[slot])
     task = asyncio.create_task(server.serve(watch=False))
     ctx = zmq.asyncio.Context()
     client = ctx.socket(zmq.DEALER)
@@ -64,7 +67,14 @@ async def test_infer_ping_and_describe(model_dir, demo_registry):
     async with serving(model_dir, demo_registry.uri) as (_, client):
         pong = await ask(client, protocol.request(Kind.PING, "p1"))
         assert pong.header["status"] == "ok"
-        assert pong.header["models"] == {"demo": {"live": "1", "resident": ["1"]}}
+        (model,) = pong.header["models"].items()
+        assert model[0] == "demo"
+        assert {k: model[1][k] for k in ("live", "resident", "loaded", "queue_depth")} == {
+            "live": "1",
+            "resident": ["1"],
+            "loaded": True,
+            "queue_depth": 0,
+        }
         assert pong.header["device"] == "cpu"
         reply = await ask(
             client, protocol.request(Kind.INFER, "i1", model="demo", version="1", budget_ms=1000, inputs={"input": x})
@@ -259,10 +269,10 @@ async def send_one_row_requests(client, x: np.ndarray, n: int, budget_ms: float)
 async def test_draining_worker_refuses_new_work_and_answers_what_it_holds(model_dir, demo_registry):
     x, _ = example_rows(model_dir)
     async with serving(model_dir, demo_registry.uri, drain_grace_s=0.5, max_batch_size=4) as (server, client):
-        server.store.live.runner = SlowRunner(server.store.live.runner, 0.3)
+        server.slots["demo"].live.runner = SlowRunner(server.slots["demo"].live.runner, 0.3)
         await send_one_row_requests(client, x, 5, budget_ms=5000)
         await asyncio.sleep(0.05)  # received well within this; the first batch runs for 0.3 s
-        assert server.batcher.depth >= 1 and server._in_flight == 1  # some running, some queued
+        assert server.slots["demo"].batcher.depth >= 1 and server.dispatch.in_flight == 1  # some running, some queued
         drain = asyncio.create_task(server.drain())
         await asyncio.sleep(0)
         assert not server.ready
@@ -285,7 +295,7 @@ async def test_draining_worker_refuses_new_work_and_answers_what_it_holds(model_
 async def test_a_batch_the_model_fails_on_is_answered_error_and_the_next_one_runs(model_dir, demo_registry):
     x, expected = example_rows(model_dir)
     async with serving(model_dir, demo_registry.uri) as (server, client):
-        runner = server.store.get("1").runner
+        runner = server.slots["demo"].get("1").runner
         real_run = runner.run
         calls = []
 
@@ -304,14 +314,14 @@ async def test_a_batch_the_model_fails_on_is_answered_error_and_the_next_one_run
         r = await ask(client, second)
         assert r.header["status"] == "ok"
         assert r.tensors["probability"][0, 0] == pytest.approx(expected[0], rel=1e-5)
-        assert server._in_flight == 0  # the failed batch gave its slot back
+        assert server.dispatch.in_flight == 0  # the failed batch gave its slot back
 
 
 class _FailsAfterABatch(SimpleBatcher):
     """Raises on the poll right after the one that handed out a batch, once."""
 
     def __init__(self) -> None:
-        super().__init__(max_batch_size=64)
+        super().__init__(max_batch_size=1)
         self.armed = False
         self.failed = False
 
@@ -328,11 +338,18 @@ async def test_a_batch_taken_before_the_batcher_failed_is_still_run_and_answered
     x, expected = example_rows(model_dir)
     batcher = _FailsAfterABatch()
     async with serving(model_dir, demo_registry.uri, batcher=batcher, batches_in_flight=2) as (_, client):
-        req = protocol.request(Kind.INFER, "a", model="demo", version="1", budget_ms=2000, inputs={"input": x[:1]})
-        r = await ask(client, req)
+        # Two one-row batches in one burst (one envelope): the poll after the first one's raises.
+        reqs = [
+            protocol.request(Kind.INFER, i, model="demo", version="1", budget_ms=2000, inputs={"input": x[:1]})
+            for i in "ab"
+        ]
+        await client.send_multipart(protocol.pack_batch(reqs))
+        replies = [protocol.parse_reply(await asyncio.wait_for(client.recv_multipart(), 5)) for _ in reqs]
         assert batcher.failed
-        assert r.header["status"] == "ok"
-        assert r.tensors["probability"][0, 0] == pytest.approx(expected[0], rel=1e-5)
+        assert sorted(r.id for r in replies) == ["a", "b"]
+        for r in replies:
+            assert r.header["status"] == "ok"
+            assert r.tensors["probability"][0, 0] == pytest.approx(expected[0], rel=1e-5)
 
 
 async def test_a_batch_whose_output_has_no_row_per_input_is_answered_error(model_dir, demo_registry):
@@ -340,7 +357,7 @@ async def test_a_batch_whose_output_has_no_row_per_input_is_answered_error(model
     unanswered; it is checked first, the batch answered ``error``, and the worker keeps serving."""
     x, _ = example_rows(model_dir)
     async with serving(model_dir, demo_registry.uri) as (server, client):
-        runner = server.store.get("1").runner
+        runner = server.slots["demo"].get("1").runner
         real_run = runner.run
         runner.run = lambda batch: {**real_run(batch), "temperature": np.ones((), np.float32)}
         req = protocol.request(Kind.INFER, "z", model="demo", version="1", budget_ms=2000, inputs={"input": x[:1]})
@@ -349,16 +366,18 @@ async def test_a_batch_whose_output_has_no_row_per_input_is_answered_error(model
         runner.run = real_run
         again = protocol.request(Kind.INFER, "y", model="demo", version="1", budget_ms=2000, inputs={"input": x[:1]})
         assert (await ask(client, again)).header["status"] == "ok"
-        assert server._in_flight == 0
+        assert server.dispatch.in_flight == 0
 
 
 async def test_a_drain_that_runs_out_of_time_answers_everything_it_still_holds(model_dir, demo_registry):
     x, _ = example_rows(model_dir)
     async with serving(model_dir, demo_registry.uri, drain_grace_s=0.0, max_batch_size=1) as (server, client):
-        server.store.live.runner = SlowRunner(server.store.live.runner, 1.0)
+        server.slots["demo"].live.runner = SlowRunner(server.slots["demo"].live.runner, 1.0)
         await send_one_row_requests(client, x, 3, budget_ms=20_000)
         await asyncio.sleep(0.1)
-        assert server.batcher.depth == 2 and server._in_flight == 1  # one running for 1 s, two queued
+        assert (
+            server.slots["demo"].batcher.depth == 2 and server.dispatch.in_flight == 1
+        )  # one running for 1 s, two queued
         await server.drain(timeout_s=0.3)
         replies = {}
         while len(replies) < 3:
@@ -367,20 +386,18 @@ async def test_a_drain_that_runs_out_of_time_answers_everything_it_still_holds(m
         assert {k: h["status"] for k, h in replies.items()} == {f"h{i}": "overloaded" for i in range(3)}
         assert all("retry" in h["message"] for h in replies.values())
         await asyncio.sleep(1.0)  # the running batch ends after the drain: dropped, its slot given back
-        assert server._in_flight == 0 and not server._running
+        assert server.dispatch.in_flight == 0 and not server.dispatch.running
 
 
 def test_a_version_with_an_output_lacking_a_row_per_input_is_refused_at_load(model_dir):
     """Caught before the version goes live, so the one before it keeps serving."""
-    from ml_worker import models
-
     model = load_version("demo", "1", model_dir)
     real_run = model.runner.run
     model.runner.run = lambda batch: {**real_run(batch), "temperature": np.ones((), np.float32)}
-    with pytest.raises(models.ModelCheckFailed, match="temperature"):
-        models._check(model)
+    with pytest.raises(versions.ModelCheckFailed, match="temperature"):
+        versions._check(model)
     model.runner.run = lambda batch: {**real_run(batch), "temperature": np.ones((1, 1), np.float32)}
-    with pytest.raises(models.ModelCheckFailed, match="temperature"):  # the example has more than one row
-        models._check(model)
+    with pytest.raises(versions.ModelCheckFailed, match="temperature"):  # the example has more than one row
+        versions._check(model)
     model.runner.run = real_run
-    models._check(model)
+    versions._check(model)

@@ -233,7 +233,7 @@ def test_prediction_cache_answers_repeats_for_the_same_version(served, redis_ser
     metrics = httpx.get(f"{a.url}/metrics").text
     assert re.search(r'^tandem_prediction_cache_total\{result="hit"\} 1\.0$', metrics, re.M), metrics
     assert re.search(r'^tandem_prediction_cache_total\{result="miss"\} 1\.0$', metrics, re.M)
-    assert w.counter("tandem_worker_requests_total", outcome="ok") >= 1
+    assert w.counter("tandem_worker_requests_total", model="demo", outcome="ok") >= 1
 
 
 def test_load_reads_a_csv_saved_with_a_byte_order_mark(redis_server, tmp_path):

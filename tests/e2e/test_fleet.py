@@ -74,8 +74,8 @@ def test_a_slow_worker_gets_less_traffic_and_a_restarted_worker_rejoins(stack, d
     wait_for(lambda: alive_workers(a.url) == 2, 10, what="two workers in the pool")
     load = openloop.run(f"{a.url}/predict", BODY, 60, 3.0, timeout_ms=1000)
     assert load["errors"] == {}
-    n_fast = fast.counter("tandem_worker_requests_total", outcome="ok")
-    n_slow = slow.counter("tandem_worker_requests_total", outcome="ok")
+    n_fast = fast.counter("tandem_worker_requests_total", model="demo", outcome="ok")
+    n_slow = slow.counter("tandem_worker_requests_total", model="demo", outcome="ok")
     assert n_fast > 2 * n_slow, (n_fast, n_slow)
     # Kill the fast one and start a new worker on the same endpoint: it rejoins without an app restart.
     fast.signal(signal.SIGKILL)
@@ -86,7 +86,7 @@ def test_a_slow_worker_gets_less_traffic_and_a_restarted_worker_rejoins(stack, d
     wait_for(lambda: serving_workers(a.url) == 2, 30, what="restarted worker back in the pool with its model")
     load = openloop.run(f"{a.url}/predict", BODY, 40, 2.0, timeout_ms=1000)
     assert load["errors"] == {}
-    assert again.counter("tandem_worker_requests_total", outcome="ok") > 0
+    assert again.counter("tandem_worker_requests_total", model="demo", outcome="ok") > 0
 
 
 def test_overload_sheds_with_503_or_504_only_and_recovers_at_once(stack, demo_registry):
@@ -125,11 +125,13 @@ def test_a_caller_that_disconnects_has_its_queued_request_dropped(stack, demo_re
 
     asyncio.run(impatient(8))
     wait_for(
-        lambda: w.counter("tandem_worker_requests_total", outcome="cancelled") >= 5, 5, what="queued requests cancelled"
+        lambda: w.counter("tandem_worker_requests_total", model="demo", outcome="cancelled") >= 5,
+        5,
+        what="queued requests cancelled",
     )
     time.sleep(1.0)  # anything not cancelled would have run by now
-    executed = w.counter("tandem_worker_requests_total", outcome="ok")
+    executed = w.counter("tandem_worker_requests_total", model="demo", outcome="ok")
     # Requests cancelled before they left the app server never reach the worker at all.
-    assert executed + w.counter("tandem_worker_requests_total", outcome="cancelled") <= 8
+    assert executed + w.counter("tandem_worker_requests_total", model="demo", outcome="cancelled") <= 8
     assert executed <= 2
     assert "client_disconnects_total 8.0" in httpx.get(f"{a.url}/metrics").text

@@ -103,7 +103,7 @@ def test_v1_models_carries_spec_and_a_sendable_example(running, demo_registry):
 )
 def test_bad_input_is_rejected_with_a_path_and_never_reaches_a_worker(running, body, status, needle):
     a, w = running
-    before = w.counter("tandem_worker_requests_total", outcome="ok") + w.counter(
+    before = w.counter("tandem_worker_requests_total", model="demo", outcome="ok") + w.counter(
         "tandem_worker_requests_total", outcome="bad_request"
     )
     kw = {"content": body} if isinstance(body, bytes) else {"json": body}
@@ -112,7 +112,7 @@ def test_bad_input_is_rejected_with_a_path_and_never_reaches_a_worker(running, b
     err = r.json()["error"]
     assert needle in err["message"]
     assert err["code"] == ("too_large" if status == 413 else "invalid_input")
-    after = w.counter("tandem_worker_requests_total", outcome="ok") + w.counter(
+    after = w.counter("tandem_worker_requests_total", model="demo", outcome="ok") + w.counter(
         "tandem_worker_requests_total", outcome="bad_request"
     )
     assert after == before
@@ -131,7 +131,7 @@ def test_metrics_expose_tandem_series_on_both_tiers(running):
     ):
         assert name in app_metrics
     assert 'tandem_http_requests_total{code="200",route="/predict"}' in app_metrics
-    assert w.counter("tandem_worker_requests_total", outcome="ok") >= 1
+    assert w.counter("tandem_worker_requests_total", model="demo", outcome="ok") >= 1
     assert w.counter("tandem_model_info", model="demo", version="1", device="cpu") == 1.0
 
 

@@ -78,8 +78,8 @@ def test_promote_under_load_fails_nothing_and_switches_every_worker(stack, reg, 
     assert after["errors"] == {} and after["versions"] == {"2": after["ok"]}
     # No row encoded for one version ever reached the other: the worker would have refused it.
     for w in workers:
-        assert w.counter("tandem_worker_requests_total", outcome="bad_request") == 0
-        assert w.counter("tandem_model_swaps_total", result="ok") == 2
+        assert w.counter("tandem_worker_requests_total", model="demo", outcome="bad_request") == 0
+        assert w.counter("tandem_model_swaps_total", model="demo", result="ok") == 2
 
 
 def test_answers_are_computed_from_rows_encoded_for_the_answering_version(stack, reg, v2_dir):
@@ -141,16 +141,20 @@ def test_broken_versions_never_serve_and_the_old_one_keeps_answering(stack, reg,
     for i, kind in enumerate(kinds, start=1):
         bad = registry.register(reg, "demo", _broken(v1_dir, tmp_path / kind, kind), alias_if_first=None)
         registry.set_alias(reg, "demo", "production", bad.version)
-        wait_for(lambda i=i: w.counter("tandem_model_swaps_total", result="failed") >= i, 15, what=f"{kind} refused")
+        wait_for(
+            lambda i=i: w.counter("tandem_model_swaps_total", model="demo", result="failed") >= i,
+            15,
+            what=f"{kind} refused",
+        )
         r = httpx.post(f"{a.url}/predict", content=BODY, headers={"content-type": "application/json"})
         assert r.status_code == 200 and r.json()["model_version"] == "1", (kind, r.text)
     log = w.log()
     for reason in ("ONNX Runtime cannot load", "example rows gave output shape", "input width", "do not match"):
         assert reason in log
-    assert w.counter("tandem_model_swaps_total", result="ok") == 1
+    assert w.counter("tandem_model_swaps_total", model="demo", result="ok") == 1
     assert w.counter("tandem_model_info", model="demo", version="1", device="cpu") == 1
     # Retried with back-off, not in a tight loop: a handful of attempts at most in this time.
-    assert w.counter("tandem_model_swaps_total", result="failed") < len(kinds) + 4
+    assert w.counter("tandem_model_swaps_total", model="demo", result="failed") < len(kinds) + 4
 
 
 def test_rollback_by_moving_the_alias_back(stack, reg, v2_dir):

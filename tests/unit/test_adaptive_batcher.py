@@ -16,6 +16,7 @@ import pytest
 
 from ml_worker.adaptive import AdaptiveBatcher
 from ml_worker.batcher import Pending, SimpleBatcher
+from ml_worker.cost_model import ArrivalRate
 
 A, C = 0.002, 0.0001
 MS = 0.001
@@ -23,6 +24,12 @@ MS = 0.001
 
 def req(i: int | str, now: float, budget_s: float = 0.05, rows: int = 1, version: str = "1") -> Pending:
     return Pending(str(i), version, np.zeros((rows, 4), np.float32), now, now + budget_s)
+
+
+def flood(b: AdaptiveBatcher, version: str = "1") -> None:
+    """Make the batcher believe a million rows just arrived for ``version``: it holds until full."""
+    b._rate.add(10**6, 0.0)
+    b._vrates.setdefault(version, ArrivalRate(b._rate_tau_s)).add(10**6, 0.0)
 
 
 def seeded(**kw: float) -> AdaptiveBatcher:
@@ -63,7 +70,7 @@ def test_holds_for_company_at_high_rate_until_the_window_closes() -> None:
 
 def test_dispatches_when_full() -> None:
     b = seeded(max_batch_size=8, max_latency_s=1.0)
-    b._rate.add(10**6, 0.0)  # a flood: hold until full
+    flood(b)  # hold until full
     for i in range(7):
         b.offer(req(i, 0.0, budget_s=1.0), 0.0)
     assert b.poll(0.0, True).batch == []
@@ -73,7 +80,7 @@ def test_dispatches_when_full() -> None:
 
 def test_deadline_forces_dispatch_before_the_window() -> None:
     b = seeded(max_latency_s=1.0, margin_s=0.001)
-    b._rate.add(10**6, 0.0)
+    flood(b)
     b.offer(req("tight", 0.0, budget_s=0.010), 0.0)
     poll = b.poll(0.0, True)
     assert not poll.batch

@@ -1,4 +1,5 @@
-"""The threads that run the model, and the shortest way back to the event loop.
+"""The executor: the threads that run batches, shared by every model a worker serves, and the
+shortest way back to the event loop.
 
 A batch goes in as a job; its result comes back as one callback on the loop. ``run_in_executor``
 does the same with more hops: a concurrent future, an asyncio future chained to it and a task
@@ -23,10 +24,14 @@ Done = Callable[[Any, BaseException | None], None]
 Job = tuple[asyncio.AbstractEventLoop, Callable[[], Any], Done]
 
 
-class ModelThreads:
-    """``n`` threads taking jobs from one queue: as many batches run at once as there are threads."""
+class Executor:
+    """``n`` threads taking jobs from one queue: as many batches run at once as there are threads.
 
-    def __init__(self, n: int, name: str = "model") -> None:
+    Which model's batch runs next is decided before a job gets here (``sharing.FairShare``); this only
+    runs what it is given.
+    """
+
+    def __init__(self, n: int, name: str = "executor") -> None:
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()  # None: exit
         # Daemon threads: a model stuck in native code must not keep a stopping worker alive.
         self._threads = [threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True) for i in range(n)]
@@ -34,7 +39,7 @@ class ModelThreads:
             t.start()
 
     def submit(self, job: Callable[[], Any], done: Done) -> None:
-        """Run ``job`` on a model thread; ``done`` gets its outcome on the calling event loop."""
+        """Run ``job`` on an executor thread; ``done`` gets its outcome on the calling event loop."""
         self._jobs.put((asyncio.get_running_loop(), job, done))
 
     def shutdown(self) -> None:

@@ -7,10 +7,10 @@ import threading
 
 import pytest
 
-from ml_worker.model_threads import ModelThreads
+from ml_worker.executor import Executor
 
 
-async def _outcome(threads: ModelThreads, job) -> tuple[object, BaseException | None, str]:
+async def _outcome(threads: Executor, job) -> tuple[object, BaseException | None, str]:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[tuple[object, BaseException | None, str]] = loop.create_future()
     ran_on: list[str] = []
@@ -25,18 +25,18 @@ async def _outcome(threads: ModelThreads, job) -> tuple[object, BaseException | 
     return result, error, name
 
 
-async def test_a_result_comes_back_on_the_loop_from_a_model_thread() -> None:
-    threads = ModelThreads(1)
+async def test_a_result_comes_back_on_the_loop_from_an_executor_thread() -> None:
+    threads = Executor(1)
     try:
         result, error, name = await _outcome(threads, lambda: 42)
     finally:
         threads.shutdown()
     assert (result, error) == (42, None)
-    assert name.startswith("model_")
+    assert name.startswith("executor_")
 
 
 async def test_an_exception_is_delivered_not_lost_and_the_thread_keeps_working() -> None:
-    threads = ModelThreads(1)
+    threads = Executor(1)
     try:
 
         def boom() -> None:
@@ -51,7 +51,7 @@ async def test_an_exception_is_delivered_not_lost_and_the_thread_keeps_working()
 
 
 async def test_shutdown_stops_every_thread() -> None:
-    threads = ModelThreads(3)
+    threads = Executor(3)
     await _outcome(threads, lambda: None)
     threads.shutdown()
     for t in threads._threads:
@@ -60,7 +60,7 @@ async def test_shutdown_stops_every_thread() -> None:
 
 
 def test_submit_needs_a_running_loop() -> None:
-    threads = ModelThreads(1)
+    threads = Executor(1)
     try:
         with pytest.raises(RuntimeError):
             threads.submit(lambda: None, lambda result, error: None)

@@ -1,13 +1,16 @@
-"""Resident model versions: load, warm and check one off the hot path, then swap the live pointer.
+"""A loaded version of a model: load, check and warm it off the hot path, and measure what it takes.
 
-The live pointer changes only on the event loop between batches, so a batch always runs against the
-version it was formed for. A replaced version stays resident for ``keep_previous_s`` so requests the
-app server already encoded for it still finish on it.
+Where versions live once loaded (the live pointer, the previous one kept for stragglers, unloading to
+stay within the memory budget) is the model slot's business (``slots.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from ml_worker import metrics
 from ml_worker.runners import OnnxRunner, Runner, TorchScriptRunner
 from shared.errors import ModelError
 from shared.features import FeatureSpec, load_spec, predictions_from
@@ -32,7 +34,9 @@ class ModelCheckFailed(ModelError):
 
 
 @dataclass(slots=True)
-class LoadedModel:
+class LoadedVersion:
+    """One version of a registered model, in memory and checked: what a batch runs on."""
+
     name: str
     version: str
     runner: Runner
@@ -43,6 +47,11 @@ class LoadedModel:
     """Seconds per batch size measured at warm-up: the batcher's cost-model seed."""
     origin: str = ""
     """``registry.cache_key`` of the registry entry it was loaded from ("" when loaded from a folder)."""
+    size_bytes: int = 0
+    """Memory it takes: the process's resident memory grown by loading and warming it, at least the
+    size of its files (see :func:`measure_load`)."""
+    load_s: float = 0.0
+    """Seconds its load, check and warm-up took (download excluded): what loading it again costs."""
 
     def is_(self, ref: VersionRef) -> bool:
         """Whether this is the registry entry ``ref``: the same number and, when known, the same files."""
@@ -75,8 +84,20 @@ def load_version(
     device: str = "auto",
     intra_op_threads: int = 0,
     max_batch_size: int = 64,
-) -> LoadedModel:
-    """Build, check and warm a version. Raises ModelCheckFailed naming the step that failed."""
+) -> LoadedVersion:
+    """Build, check and warm a version, measuring its memory. Raises ModelCheckFailed naming the step
+    that failed."""
+    t0 = time.monotonic()
+    before = resident_bytes()
+    loaded = _build(name, version, model_dir, device, intra_op_threads, max_batch_size)
+    loaded.size_bytes = max(resident_bytes() - before, files_bytes(model_dir))
+    loaded.load_s = time.monotonic() - t0
+    return loaded
+
+
+def _build(
+    name: str, version: str, model_dir: Path, device: str, intra_op_threads: int, max_batch_size: int
+) -> LoadedVersion:
     files = model_files(model_dir)
     try:
         spec = load_spec(files["feature_spec"].read_bytes())
@@ -94,13 +115,13 @@ def load_version(
             raise ModelError("no model.onnx or model.pt in the version's folder")
     except ModelError as exc:
         raise ModelCheckFailed(f"{name} v{version}: {exc.message}") from exc
-    model = LoadedModel(name, version, runner, spec, example, model_dir)
+    model = LoadedVersion(name, version, runner, spec, example, model_dir)
     _check(model)
     _warm(model, max_batch_size)
     return model
 
 
-def _check(model: LoadedModel) -> None:
+def _check(model: LoadedVersion) -> None:
     where = f"{model.name} v{model.version}"
     runner, spec = model.runner, model.spec
     if runner.input_width is not None and runner.input_width != spec.width:
@@ -132,7 +153,7 @@ def _check(model: LoadedModel) -> None:
         raise ModelCheckFailed(f"{where}: outputs do not match the input example's expected predictions")
 
 
-def _warm(model: LoadedModel, max_batch_size: int) -> None:
+def _warm(model: LoadedVersion, max_batch_size: int) -> None:
     """Run every batch size the batcher may form, so the first real batch pays no allocation or JIT."""
     width = model.spec.width
     sizes = sorted({b for b in WARM_BATCH_SIZES if b <= max_batch_size} | {max_batch_size})
@@ -144,43 +165,26 @@ def _warm(model: LoadedModel, max_batch_size: int) -> None:
         model.warm_timings[b] = time.perf_counter() - t0
 
 
-class ModelStore:
-    """The live version and those kept resident for stragglers."""
+def resident_bytes() -> int:
+    """This process's resident memory (Linux ``/proc/self/statm``; 0 where it cannot be read)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
-    def __init__(self, name: str, keep_previous_s: float = 30.0) -> None:
-        self.name = name
-        self.keep_previous_s = keep_previous_s
-        self.live: LoadedModel | None = None
-        self._resident: dict[str, LoadedModel] = {}
-        self._retire_at: dict[str, float] = {}
 
-    def get(self, version: str | None) -> LoadedModel | None:
-        if version is None:
-            return self.live
-        return self._resident.get(str(version))
+def files_bytes(model_dir: Path) -> int:
+    """Bytes of a version's files: the floor of what it takes once loaded."""
+    return sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.is_file())
 
-    @property
-    def versions(self) -> list[str]:
-        return list(self._resident)
 
-    def swap(self, model: LoadedModel, now: float) -> LoadedModel | None:
-        """Make ``model`` live; the previous one is retired after ``keep_previous_s``."""
-        previous = self.live
-        self._resident[model.version] = model
-        self._retire_at.pop(model.version, None)
-        self.live = model
-        if previous is not None and previous.version != model.version:
-            self._retire_at[previous.version] = now + self.keep_previous_s
-            metrics.MODEL_INFO.labels(self.name, previous.version, previous.device).set(0)
-        metrics.MODEL_INFO.labels(self.name, model.version, model.device).set(1)
-        return previous
+def release_memory() -> None:
+    """Give memory freed by an unloaded version back to the system, so resident memory really falls.
 
-    def retire_due(self, now: float) -> list[str]:
-        """Free versions whose grace period is over; returns their numbers."""
-        done = [v for v, t in self._retire_at.items() if t <= now]
-        for v in done:
-            old = self._resident.pop(v)
-            del self._retire_at[v]
-            metrics.MODEL_INFO.remove(self.name, v, old.device)
-            logger.info("freed %s v%s", self.name, v)
-        return done
+    glibc keeps freed blocks in its arenas; ``malloc_trim`` returns what it can. Without it an unload
+    frees nothing the kernel can see, and the next load's measurement would read near zero.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the allocator keeps what it keeps
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -1,0 +1,76 @@
+"""Loading versions: one at a time, off the event loop, after making room in the memory budget.
+
+Every load goes through here, whether a promotion (the registry watch) or a model unloaded to save
+memory and asked for again (the server). One at a time, because two loads at once would measure each
+other's memory and could both pass the budget check before either had grown the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from ml_worker.residency import Residency
+from ml_worker.slots import ModelSlot
+from ml_worker.versions import LoadedVersion, files_bytes, load_version
+from shared import registry
+from shared.settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+
+class Loader:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        cache_dir: Path,
+        residency: Residency | None = None,
+        slots: Callable[[], Iterable[ModelSlot]] = tuple,
+    ) -> None:
+        self.settings = settings
+        self.uri = settings.resolved_registry_uri()
+        self.cache_dir = cache_dir
+        self.residency = residency or Residency(0)
+        self._slots = slots
+        self._lock = asyncio.Lock()
+
+    async def load(self, slot: ModelSlot, ref: registry.VersionRef) -> LoadedVersion:
+        """Download (cached) and load a registry version for ``slot``; raises what the load raised."""
+        folder = await asyncio.to_thread(registry.download, self.uri, ref, self.cache_dir)
+        loaded = await self._load(slot, ref.version, folder)
+        loaded.origin = registry.cache_key(ref)
+        return loaded
+
+    async def reload(self, slot: ModelSlot) -> LoadedVersion:
+        """Load the live version of a slot that was unloaded, from the folder it came from."""
+        unloaded = slot.unloaded
+        if unloaded is None:
+            raise RuntimeError(f"{slot.name} has no unloaded version to load")
+        loaded = await self._load(slot, unloaded.version, unloaded.model_dir, unloaded.size_bytes)
+        loaded.origin = unloaded.origin
+        loaded.size_bytes = max(loaded.size_bytes, unloaded.size_bytes)  # freed memory reused reads low
+        return loaded
+
+    async def _load(self, slot: ModelSlot, version: str, folder: Path, known_size: int = 0) -> LoadedVersion:
+        async with self._lock:
+            last = slot.live.size_bytes if slot.live is not None else 0
+            need = max(known_size, last, await asyncio.to_thread(files_bytes, folder))
+            self.residency.make_room(self._slots(), need, keep=slot)
+            s = self.settings
+            max_batch = getattr(slot.batcher, "max_batch_size", s.max_batch_size)  # warm what it will see
+            return await asyncio.to_thread(
+                load_version,
+                slot.name,
+                version,
+                folder,
+                device=s.device,
+                intra_op_threads=s.intra_op_threads,
+                max_batch_size=max_batch,
+            )
+
+    def settle(self) -> None:
+        """Enforce the budget now (after a load, and periodically: a busy model may have blocked it)."""
+        if not self._lock.locked():
+            self.residency.make_room(self._slots())
