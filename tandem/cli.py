@@ -1,4 +1,4 @@
-"""The ``tandem`` command line (DESIGN §2). Flags override ``TANDEM_*`` environment variables."""
+"""The ``tandem`` command line. Flags override ``TANDEM_*`` environment variables."""
 
 from __future__ import annotations
 
@@ -30,6 +30,13 @@ RegistryUri = Annotated[
 ]
 Home = Annotated[Path | None, typer.Option("--home", help="Folder of a `tandem up` registry (default ./.tandem).")]
 Model = Annotated[str | None, typer.Option("--model", help="Registered model name (default demo).")]
+Models = Annotated[
+    str | None,
+    typer.Option(
+        "--models",
+        help="Models to serve: comma list of NAME, NAME@ALIAS, NAME@tag:KEY=VALUE, or * (every model with the alias).",
+    ),
+]
 LogLevel = Annotated[str | None, typer.Option("--log-level")]
 
 
@@ -46,6 +53,13 @@ def registry_uri(registry_uri: str | None, home: Path | None) -> str:
 def worker(
     bind: Annotated[str | None, typer.Option(help="ZeroMQ endpoint to bind.")] = None,
     model: Model = None,
+    models: Models = None,
+    models_config: Annotated[
+        str | None, typer.Option(help='Per-model knobs: JSON or a JSON/YAML file, {"NAME": {"weight": 2}}.')
+    ] = None,
+    max_resident_mb: Annotated[
+        float | None, typer.Option(help="Memory budget of loaded versions; least recently used unload. 0: none.")
+    ] = None,
     alias: Annotated[str | None, typer.Option(help="Alias naming the version to serve.")] = None,
     tag: Annotated[str | None, typer.Option(help="KEY=VALUE: serve the newest version with this tag.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
@@ -69,7 +83,7 @@ def worker(
     home: Home = None,
     log_level: LogLevel = None,
 ) -> None:
-    """Run one worker: ZeroMQ server, batcher, model runner, registry watcher."""
+    """Run one worker: ZeroMQ server, a batcher and registry watch per model, the shared executor."""
     settings = build(WorkerSettings, **locals())
     logs.configure(settings.log_level, settings.log_format, "worker")
     from ml_worker.server import run_worker
@@ -110,12 +124,45 @@ def app_server(
     )
 
 
+WORKER_ONLY = (
+    "poll_interval",
+    "max_batch_size",
+    "max_latency_ms",
+    "max_queue",
+    "batcher",
+    "batches_in_flight",
+    "target_utilization",
+    "device",
+    "alias",
+    "tag",
+    "keep_previous_s",
+    "intra_op_threads",
+    "drain_grace_s",
+    "drain_timeout_s",
+    "models_config",
+    "max_resident_mb",
+)
+APP_ONLY = (
+    "redis_url",
+    "timeout_ms",
+    "max_instances",
+    "max_in_flight",
+    "feature_timeout_ms",
+    "prediction_cache_ttl_s",
+    "heartbeat_interval",
+    "default_model",
+)
+
+
 @app.command()
 def up(
     home: Annotated[Path | None, typer.Option(help="Registry, artifacts and cache (default ./.tandem).")] = None,
     port: Annotated[int, typer.Option(help="App server HTTP port.")] = 8000,
     workers: Annotated[int, typer.Option(help="Worker processes.")] = 2,
-    model: Annotated[str, typer.Option()] = "demo",
+    models: Annotated[
+        str | None, typer.Option(help="Models every worker serves (default demo,churn; see `tandem worker`).")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="One-model form of --models.")] = None,
     registry_uri: RegistryUri = None,
     poll_interval: Annotated[float | None, typer.Option()] = None,
     max_batch_size: Annotated[int | None, typer.Option()] = None,
@@ -131,26 +178,52 @@ def up(
     intra_op_threads: Annotated[int | None, typer.Option()] = None,
     drain_grace_s: Annotated[float | None, typer.Option()] = None,
     drain_timeout_s: Annotated[float | None, typer.Option()] = None,
+    models_config: Annotated[str | None, typer.Option(help="Per-model knobs for the workers.")] = None,
+    max_resident_mb: Annotated[float | None, typer.Option(help="Each worker's memory budget for models.")] = None,
+    default_model: Annotated[str | None, typer.Option(help="What POST /predict serves (default: the first).")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="Online feature store for the app server.")] = None,
+    timeout_ms: Annotated[float | None, typer.Option(help="App server: default request deadline.")] = None,
+    max_instances: Annotated[int | None, typer.Option()] = None,
+    max_in_flight: Annotated[int | None, typer.Option()] = None,
+    feature_timeout_ms: Annotated[float | None, typer.Option()] = None,
+    prediction_cache_ttl_s: Annotated[float | None, typer.Option()] = None,
+    heartbeat_interval: Annotated[float | None, typer.Option()] = None,
     log_requests: Annotated[bool | None, typer.Option("--log-requests")] = None,
 ) -> None:
-    """Everything local: registry, demo model, N workers and one app server. Ctrl-C stops it all.
+    """Everything local: registry, demo models, N workers and one app server. Ctrl-C stops it all.
 
-    The registry is found like every other command's (--registry-uri, TANDEM_REGISTRY_URI,
-    MLFLOW_TRACKING_URI, else the --home registry), so `tandem promote` acts on the one this stack uses.
+    Serves the demo models `demo` (fraud) and `churn` unless --models says otherwise; a demo model the
+    registry lacks is trained and registered first. The registry is found like every other command's
+    (--registry-uri, TANDEM_REGISTRY_URI, MLFLOW_TRACKING_URI, else the --home registry), so
+    `tandem promote` acts on the one this stack uses.
     """
     flags = dict(locals())
-    from tandem.up import Stack
+    from shared.model_targets import parse_models
+    from tandem.up import DEFAULT_MODELS, Stack
 
     logs.configure("INFO", "text", "up")
-    passed_on = {k: v for k, v in flags.items() if k not in ("home", "port", "workers", "model", "registry_uri")}
-    worker_flags = {k.replace("_", "-"): ("" if v is True else str(v)) for k, v in passed_on.items() if v is not None}
+    chosen = models or model or DEFAULT_MODELS
+    try:
+        targets = parse_models(chosen, alias=alias or "production", tag=tag)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+    def as_flags(names: tuple[str, ...]) -> dict[str, str]:
+        given = {k: flags[k] for k in names if flags[k] is not None}
+        return {k.replace("_", "-"): ("" if v is True else str(v)) for k, v in given.items()}
+
+    worker_flags = as_flags(WORKER_ONLY)
+    app_flags = as_flags(APP_ONLY)
+    if log_requests:
+        worker_flags["log-requests"] = app_flags["log-requests"] = ""
     stack = Stack(
         home=home or DEFAULT_HOME,
         port=port,
         workers=workers,
-        model=model,
+        targets=targets,
         registry_uri=registry_uri_for_write(registry_uri, home),
         worker_flags=worker_flags,
+        app_flags=app_flags,
     )
     sys.exit(stack.run())
 
@@ -158,21 +231,30 @@ def up(
 @app.command("demo-model")
 def demo_model(
     size: Annotated[str, typer.Option(help="small (default) or large (compute-heavy, for benchmarks).")] = "small",
+    dataset: Annotated[str, typer.Option(help="fraud (default; registered as demo) or churn.")] = "fraud",
     variant: Annotated[bool, typer.Option(help="Another seed and one extra feature: a visibly new version.")] = False,
     seed: Annotated[int | None, typer.Option()] = None,
-    name: Annotated[str | None, typer.Option(help="Registered name (default demo / demo-large).")] = None,
+    name: Annotated[str | None, typer.Option(help="Registered name (default demo, demo-large or churn).")] = None,
     registry_uri: RegistryUri = None,
     home: Home = None,
 ) -> None:
-    """Train the demo fraud model, register it, and print the new version."""
+    """Train a demo model (fraud or churn), register it, and print the new version."""
     from tandem.demo import register_demo
+    from tandem.demo_data import DATASETS
 
     if size not in ("small", "large"):
         raise typer.BadParameter("--size must be small or large")
+    if dataset not in DATASETS:
+        raise typer.BadParameter(f"--dataset must be one of {', '.join(sorted(DATASETS))}")
     logs.configure("WARNING", "text", "demo")
     uri = registry_uri_for_write(registry_uri, home)
     ref = register_demo(
-        uri, size, seed=seed if seed is not None else (11 if variant else 7), variant=variant, name=name
+        uri,
+        size,
+        seed=seed if seed is not None else (11 if variant else 7),
+        variant=variant,
+        name=name,
+        dataset=dataset,
     )
     aliases = f" (aliases: {', '.join(ref.aliases)})" if ref.aliases else ""
     typer.echo(f"registered {ref.name} version {ref.version}{aliases}")
@@ -210,7 +292,7 @@ def promote(
 
 @app.command()
 def models(
-    name: Annotated[str, typer.Argument()] = "demo",
+    name: Annotated[str | None, typer.Argument(help="One model (default: every registered model).")] = None,
     registry_uri: RegistryUri = None,
     home: Home = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -221,30 +303,38 @@ def models(
         ),
     ] = None,
 ) -> None:
-    """List a model's versions with their aliases and tags, and which workers serve which version."""
+    """List models with their versions, aliases and tags, and which workers serve which version."""
     from shared import registry
 
-    versions = registry.list_versions(registry_uri_for_write(registry_uri, home), name)
-    workers = _served_by(app_url or _up_url(home), name)
+    uri = registry_uri_for_write(registry_uri, home)
+    names = [name] if name else registry.list_models(uri)
+    served = _served(app_url or _up_url(home))
+    listed = []
+    for n in names:
+        versions = registry.list_versions(uri, n)
+        workers = None if served is None else _workers_of(served, n)
+        listed.append((n, versions, workers))
     if as_json:
-        typer.echo(
-            json.dumps(
-                {
-                    "versions": [{"version": v.version, "aliases": v.aliases, "tags": v.tags} for v in versions],
-                    "workers": workers,
-                }
-            )
-        )
+        entries = [
+            {
+                "name": n,
+                "versions": [{"version": v.version, "aliases": v.aliases, "tags": v.tags} for v in versions],
+                "workers": workers,
+            }
+            for n, versions, workers in listed
+        ]
+        typer.echo(json.dumps(entries[0] if name else {"models": entries}))
         return
-    if not versions:
-        typer.echo(f"no versions of {name}")
+    if not any(versions for _, versions, _ in listed):
+        typer.echo(f"no versions of {name}" if name else f"no models in {uri}")
         raise typer.Exit(1)
-    for v in versions:
-        tags = " ".join(f"{k}={val}" for k, val in sorted(v.tags.items()))
-        serving = [w["endpoint"] for w in workers or [] if w.get("live") == v.version]
-        where = f"  served by: {', '.join(serving)}" if serving else ""
-        typer.echo(f"{name} v{v.version:<4} aliases: {','.join(v.aliases) or '-':<12} tags: {tags}{where}")
-    if workers is None:
+    for n, versions, workers in listed:
+        for v in versions:
+            tags = " ".join(f"{k}={val}" for k, val in sorted(v.tags.items()))
+            serving = [w["endpoint"] for w in workers or [] if w.get("live") == v.version]
+            where = f"  served by: {', '.join(serving)}" if serving else ""
+            typer.echo(f"{n} v{v.version:<4} aliases: {','.join(v.aliases) or '-':<12} tags: {tags}{where}")
+    if served is None:
         typer.echo("(no running app server found: pass --app-url to see which workers serve what)")
 
 
@@ -258,26 +348,28 @@ def _up_url(home: Path | None) -> str | None:
         return None
 
 
-def _served_by(url: str | None, name: str) -> list[dict[str, Any]] | None:
-    """Each worker the app server knows, with the version it serves (None when nobody answers)."""
+def _served(url: str | None) -> list[dict[str, Any]] | None:
+    """What an app server says it serves (``GET /v1/models``); None when nobody answers."""
     import urllib.request
 
     if not url:
         return None
     try:
         with urllib.request.urlopen(f"{url.rstrip('/')}/v1/models", timeout=3) as r:
-            served = json.loads(r.read())["models"]
+            return json.loads(r.read())["models"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+def _workers_of(served: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """Each worker serving ``name``, with the version it serves."""
     entry = next((m for m in served if m["name"] == name), None)
-    return (
-        []
-        if entry is None
-        else [
-            {"endpoint": w["endpoint"], "alive": w["alive"], "live": w.get("live"), "resident": w.get("versions")}
-            for w in entry["workers"]
-        ]
-    )
+    if entry is None:
+        return []
+    return [
+        {"endpoint": w["endpoint"], "alive": w["alive"], "live": w.get("live"), "resident": w.get("versions")}
+        for w in entry["workers"]
+    ]
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared import registry
+from shared.model_targets import ModelTarget
 from shared.settings import home_registry_uri
 
 logger = logging.getLogger("tandem.up")
@@ -28,6 +29,9 @@ READY_TIMEOUT_S = 180.0
 STATE_FILE = "up.json"
 """Written into the home while the stack runs, so other commands (``tandem models``) can find it."""
 GRACE_S = 15.0
+DEFAULT_MODELS = "demo,churn"
+DEMOS = {"demo": ("fraud", "small"), "demo-large": ("fraud", "large"), "churn": ("churn", "small")}
+"""Models ``tandem up`` trains and registers itself when the registry lacks them."""
 
 
 def free_port() -> int:
@@ -57,9 +61,10 @@ class Stack:
     home: Path
     port: int = 8000
     workers: int = 2
-    model: str = "demo"
+    targets: list[ModelTarget] = field(default_factory=lambda: [ModelTarget("demo"), ModelTarget("churn")])
     registry_uri: str | None = None
     worker_flags: dict[str, str] = field(default_factory=dict)
+    app_flags: dict[str, str] = field(default_factory=dict)
     children: list[Child] = field(default_factory=list)
     _stopping: bool = False
 
@@ -67,7 +72,7 @@ class Stack:
         t0 = time.monotonic()
         self.home.mkdir(parents=True, exist_ok=True)
         uri = self.registry_uri or home_registry_uri(self.home)
-        self._ensure_model(uri)
+        self._ensure_models(uri)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self._spawn(uri)
@@ -75,32 +80,39 @@ class Stack:
             if not self._wait_ready(t0):
                 return 1
             state = self.home / STATE_FILE
-            state.write_text(
-                json.dumps({"url": f"http://127.0.0.1:{self.port}", "pid": os.getpid(), "model": self.model})
-            )
+            served = [str(t) for t in self.targets]
+            state.write_text(json.dumps({"url": f"http://127.0.0.1:{self.port}", "pid": os.getpid(), "models": served}))
             self._supervise()
         finally:
             (self.home / STATE_FILE).unlink(missing_ok=True)
             self._stop()
         return 0
 
-    def _ensure_model(self, uri: str) -> None:
-        alias = self.worker_flags.get("alias", "production")
-        tag = self.worker_flags.get("tag")
-        if registry.resolve(uri, self.model, alias=alias, tag=tag) is not None:
-            return
-        if self.model not in ("demo", "demo-large") or tag:
-            raise SystemExit(
-                f"registry {uri} has no version of {self.model!r} for "
-                f"{'tag ' + tag if tag else 'alias ' + alias}; register one first"
-            )
-        from tandem.demo import register_demo
+    @property
+    def models_flag(self) -> str:
+        return ",".join(str(t) for t in self.targets)
 
-        logger.info("no %s model in %s yet: training the demo model", self.model, uri)
-        ref = register_demo(uri, "small" if self.model == "demo" else "large", name=self.model)
-        if alias not in ref.aliases:
-            registry.set_alias(uri, self.model, alias, ref.version)
-        logger.info("registered %s version %s as @%s", self.model, ref.version, alias)
+    def _ensure_models(self, uri: str) -> None:
+        """Every model the stack serves has a version for its pointer: demo models are trained and
+        registered when missing (for ``*``, the two default demos when no model has the alias)."""
+        wanted = [t for t in self.targets if not t.every]
+        every = next((t for t in self.targets if t.every), None)
+        if every is not None and not registry.models_with_alias(uri, every.alias or "production"):
+            wanted += [ModelTarget(n, alias=every.alias) for n in DEFAULT_MODELS.split(",")]
+        for target in wanted:
+            if registry.resolve(uri, target.name, alias=target.alias, tag=target.tag) is not None:
+                continue
+            if target.name not in DEMOS or target.tag:
+                raise SystemExit(f"registry {uri} has no version of {target.name!r} for {target.pointer}; register one")
+            from tandem.demo import register_demo
+
+            dataset, size = DEMOS[target.name]
+            logger.info("no %s model in %s yet: training the demo model", target.name, uri)
+            ref = register_demo(uri, size, name=target.name, dataset=dataset)
+            alias = target.alias or "production"
+            if alias not in ref.aliases:
+                registry.set_alias(uri, target.name, alias, ref.version)
+            logger.info("registered %s version %s as @%s", target.name, ref.version, alias)
 
     def _spawn(self, uri: str) -> None:
         base = [sys.executable, "-m", "tandem"]
@@ -113,8 +125,8 @@ class Stack:
                 "worker",
                 "--bind",
                 endpoint,
-                "--model",
-                self.model,
+                "--models",
+                self.models_flag,
                 "--registry-uri",
                 uri,
                 "--cache-dir",
@@ -125,23 +137,13 @@ class Stack:
             for flag, value in self.worker_flags.items():
                 argv += [f"--{flag}", value] if value else [f"--{flag}"]  # "" marks a boolean switch
             self.children.append(Child(f"worker-{i}", argv))
-        self.children.append(
-            Child(
-                "app",
-                [
-                    *base,
-                    "app",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    "--worker-urls",
-                    ",".join(endpoints),
-                    "--model",
-                    self.model,
-                ],
-            )
-        )
+        app_argv = [*base, "app", "--host", "127.0.0.1", "--port", str(self.port), "--worker-urls", ",".join(endpoints)]
+        app_argv += ["--models", self.models_flag]
+        if "default-model" not in self.app_flags and not self.targets[0].every:
+            app_argv += ["--default-model", self.targets[0].name]
+        for flag, value in self.app_flags.items():
+            app_argv += [f"--{flag}", value] if value else [f"--{flag}"]
+        self.children.append(Child("app", app_argv))
         for child in self.children:
             child.start()
         logger.info(
@@ -173,16 +175,21 @@ class Stack:
 
     def _print_ready(self, elapsed: float) -> None:
         status, body = self._get("/v1/models")
-        info = json.loads(body)["models"][0] if status == 200 else {}
-        example = (info.get("input_example") or [{}])[0]
-        payload = json.dumps({"instances": [example]})
+        served = json.loads(body)["models"] if status == 200 else []
         url = f"http://127.0.0.1:{self.port}"
-        print(
-            f"\nTandem is ready in {elapsed:.1f} s: {url}  (model {self.model} v{info.get('version')}, "
-            f"{self.workers} workers; Ctrl-C stops everything)\n\n"
-            f"  curl -s {url}/predict -H 'content-type: application/json' -d '{payload}'\n",
-            flush=True,
-        )
+        lines = [
+            f"\nTandem is ready in {elapsed:.1f} s: {url}  ({len(served)} models, {self.workers} workers; "
+            "Ctrl-C stops everything)\n"
+        ]
+        for info in served:
+            example = (info.get("input_example") or [{}])[0]
+            payload = json.dumps({"instances": [example]})
+            lines.append(f"  # {info['name']} v{info.get('version')}")
+            lines.append(
+                f"  curl -s {url}/v1/models/{info['name']}/predict -H 'content-type: application/json' -d '{payload}'\n"
+            )
+        lines.append(f"  curl -s {url}/v1/models      # every model: fields, an example, workers")
+        print("\n".join(lines) + "\n", flush=True)
 
     def _supervise(self) -> None:
         while not self._stopping:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from procs import app, tandem_argv, wait_ready, worker
 
 from app_server.feature_store import format_value
-from tandem.demo import synthesize
+from tandem.demo_data import synthesize_fraud as synthesize
 
 FEATURES = [
     "amount",

@@ -28,7 +28,8 @@ from shared.features import (
     NumericFeature,
 )
 from shared.settings import AppSettings
-from tandem.demo import make_spec, synthesize
+from tandem.demo_data import fraud_spec as make_spec
+from tandem.demo_data import synthesize_fraud as synthesize
 
 PROPS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
