@@ -42,7 +42,8 @@ class Residency:
         return sum(s.resident_bytes for s in slots)
 
     def make_room(self, slots: Iterable[ModelSlot], need: int = 0, keep: ModelSlot | None = None) -> int:
-        """Unload until ``need`` more bytes fit (``keep`` is the model about to load: never a victim).
+        """Unload until ``need`` more bytes fit. ``keep`` (the model about to load; by default the most
+        recently used one) is never a victim.
 
         Returns the bytes still over budget afterwards (0 when it fits).
         """
@@ -53,6 +54,8 @@ class Residency:
         if over <= 0:
             return 0
         freed = 0
+        if keep is None:  # the most recently used model stays: one model is always served from memory
+            keep = max((s for s in slots if s.live is not None), key=lambda s: s.last_used, default=None)
         by_age = sorted((s for s in slots if s is not keep), key=lambda s: s.last_used)
         if keep is not None:
             by_age.append(keep)  # its own previous versions may go too, last
@@ -82,7 +85,7 @@ class Residency:
         if over > 0 and not self._warned:
             self._warned = True
             logger.warning(
-                "resident versions need %.0f MB over --max-resident-mb %.0f (every other model is busy, or "
+                "resident versions need %.1f MB over --max-resident-mb %.1f (every other model is busy, or "
                 "one model alone is larger); unloading again once one is idle",
                 over / MB,
                 self.budget / MB,

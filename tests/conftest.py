@@ -39,6 +39,28 @@ def demo_registry(tmp_path_factory: pytest.TempPathFactory) -> DemoRegistry:
 
 
 @dataclass
+class ModelsRegistry:
+    """Two models of different shapes, both at version 1 @production: numbers that collide across models."""
+
+    uri: str
+    home: Path
+    refs: dict[str, registry.VersionRef]
+
+
+@pytest.fixture(scope="session")
+def models_registry(tmp_path_factory: pytest.TempPathFactory) -> ModelsRegistry:
+    from tandem.demo import register_demo
+
+    home = tmp_path_factory.mktemp("models-registry")
+    uri = home_registry_uri(home)
+    refs = {
+        "demo": register_demo(uri, "small", rows=3000, epochs=1),
+        "churn": register_demo(uri, "small", rows=2000, epochs=1, dataset="churn"),
+    }
+    return ModelsRegistry(uri, home, refs)
+
+
+@dataclass
 class Stack:
     logs: Path
     procs: list[Proc]
