@@ -89,7 +89,8 @@ async def test_each_model_answers_with_its_own_version_one(models_registry, tmp_
         assert set(hb["models"]) == {"demo", "churn"} and hb["models"]["churn"]["loaded"] is True
         # Interleaved, in one burst: version "1" of each model must not be confused with the other's.
         pairs = (("demo", demo), ("churn", churn))
-        await client.send_multipart(protocol.pack_batch([infer(f"{m}{i}", m, s[1]) for i in range(3) for m, s in pairs]))
+        burst = [infer(f"{m}{i}", m, s[1]) for i in range(3) for m, s in pairs]
+        await client.send_multipart(protocol.pack_batch(burst))
         got = {}
         while len(got) < 6:
             for header, frames in protocol.split(await asyncio.wait_for(client.recv_multipart(), 10)):
