@@ -57,7 +57,7 @@ def test_every_tandem_variable_is_a_setting(overlay: str, which: str) -> None:
 @pytest.mark.parametrize("which", ["app", "worker"])
 def test_settings_parse(overlay: str, which: str, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = settings_of(render(overlay), which, monkeypatch)
-    assert settings.model == "demo"
+    assert settings.models == "*"
     assert settings.log_format == "json"
 
 
@@ -72,7 +72,7 @@ def test_ports_agree_with_settings(overlay: str, monkeypatch: pytest.MonkeyPatch
     assert port_named(app_c, "http") == app.port
     assert port_named(worker_c, "zmq") == urlparse(worker.bind).port
     assert worker.metrics_port and port_named(worker_c, "metrics") == worker.metrics_port
-    assert app.model == worker.model, "app servers and workers must serve the same model"
+    assert app.models == worker.models, "app servers wait for the models the workers serve"
 
     # Workers' probes are on their metrics port: the only HTTP a worker serves.
     assert {probe_port(p) for p in probes(worker_c).values()} == {"metrics"}
