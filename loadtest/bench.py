@@ -1,12 +1,14 @@
 """Benchmark: the highest request rate each serving configuration holds within a p99 SLO, no errors.
 
-    python -m loadtest.bench [--model small|large] [--quick] [--slo-p99-ms 50] [--json OUT]
+    python -m loadtest.bench [--model small|large] [--quick] [--slo-p99-ms 50] [--multi-model 1,2,10,50]
+                             [--json OUT]
 
-Configurations (DESIGN §9), each started here as real processes on the same CPUs:
+Configurations, each started here as real processes on the same CPUs:
 ``baseline`` (one FastAPI process, model inside, one request at a time), ``baseline_per_core`` (the same,
 one uvicorn process per server CPU), ``tandem_batch1`` (app server + worker, max batch 1) and
 ``tandem_adaptive`` (app server + worker, batching up to 64 rows in a 10 ms window). Also measured:
-the raw engine ceiling, and on the small model the serving overhead at low load.
+the raw engine ceiling, and on the small model the serving overhead at low load. ``--multi-model``
+adds many small models on one worker under a mixed load (``loadtest/multimodel.py``).
 
 CPU split: the load generator (this process) is pinned to ``--client-cpus`` and every configuration to
 ``--server-cpus``; see docs/benchmarks.md for why the default on a 2-core machine is what it is.
@@ -26,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtest import engine, openloop, report, servers
+from loadtest import engine, multimodel, openloop, report, servers
 from loadtest.search import find_max_rate
 from shared import registry
 from shared.features import load_spec
@@ -183,6 +185,22 @@ def measure_overhead(home: Path, ctx: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def bench_context(quick: bool, client: str | None = None, server: str | None = None) -> dict[str, Any]:
+    """CPUs (this process pinned to the client's), step lengths and where logs go, for every measurement."""
+    all_cpus = os.sched_getaffinity(0)
+    client_cpus = parse_cpus(client, {min(all_cpus)})
+    server_cpus = parse_cpus(server, set(all_cpus))
+    os.sched_setaffinity(0, client_cpus)
+    return {
+        "machine": machine(client_cpus, server_cpus),
+        "server_cpus": server_cpus,
+        "logs": Path(tempfile.mkdtemp(prefix="tandem-bench-")) / "logs",
+        "step_s": 2.5 if quick else 8.0,
+        "warmup_s": 1.0 if quick else 2.0,
+        "max_steps": 7 if quick else 12,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=("small", "large"), default="large")
@@ -195,23 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset")
     ap.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
     ap.add_argument("--write-doc", action="store_true", help="update --doc even after --quick")
+    ap.add_argument("--multi-model", default="", help="also: N small models on one worker, e.g. 1,2,10,50")
     args = ap.parse_args(argv)
     size = "large" if args.quick else args.model
-    all_cpus = os.sched_getaffinity(0)
-    client_cpus = parse_cpus(args.client_cpus, {min(all_cpus)})
-    server_cpus = parse_cpus(args.server_cpus, set(all_cpus))
-    os.sched_setaffinity(0, client_cpus)
     t0 = time.monotonic()
-    ctx: dict[str, Any] = {
-        "server_cpus": server_cpus,
-        "logs": Path(tempfile.mkdtemp(prefix="tandem-bench-")) / "logs",
-        "step_s": 2.5 if args.quick else 8.0,
-        "warmup_s": 1.0 if args.quick else 2.0,
-        "max_steps": 7 if args.quick else 12,
-    }
-    result: dict[str, Any] = {"machine": machine(client_cpus, server_cpus), "slo_p99_ms": args.slo_p99_ms}
+    ctx = bench_context(args.quick, args.client_cpus, args.server_cpus)
+    result: dict[str, Any] = {"machine": ctx["machine"], "slo_p99_ms": args.slo_p99_ms}
     args.home.mkdir(parents=True, exist_ok=True)
     model = Model(args.home, size)
+    server_cpus = ctx["server_cpus"]
     ceiling = engine.ceiling(model.onnx, model.row, server_cpus, intra_op_threads=len(server_cpus))
     ctx["ceiling"] = ceiling
     result.update(model=model.name, quick=args.quick, engine_ceiling_rows_per_s=ceiling["rows_per_s"])
@@ -223,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unknown config {config!r}; choose from {', '.join(CONFIGS)}")
         result["results"].append(measure_config(config, model, args, ctx))
     result["ratios"] = report.ratios(result["results"])
+    counts = [int(c) for c in args.multi_model.split(",") if c]
+    if counts:
+        result["multi_model"] = [multimodel.measure(n, args.home, ctx, args.slo_p99_ms) for n in counts]
     result["machine"]["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
     result["elapsed_s"] = round(time.monotonic() - t0, 1)
     text = json.dumps(result, indent=2)

@@ -265,14 +265,30 @@ async def run_async(
 
 def run(url: str, body: bytes, rate: float, duration: float, **kw: Any) -> dict[str, Any]:
     """Blocking :func:`run_async` on a fresh event loop (uvloop when installed: a cheaper generator)."""
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(run_async(url, body, rate, duration, **kw))
+
+
+def _loop_factory() -> Any:
     try:
         import uvloop
 
-        factory = uvloop.new_event_loop
+        return uvloop.new_event_loop
     except ImportError:  # pragma: no cover - uvicorn[standard] brings uvloop
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(run_async(url, body, rate, duration, **kw))
+        return None
+
+
+def run_many(targets: list[tuple[str, bytes, float]], duration: float, **kw: Any) -> list[dict[str, Any]]:
+    """Several open-loop loads at once, one per ``(url, body, rate)`` (e.g. one per model), each with its
+    own schedule (seeded apart), connections and summary, on one event loop: a mixed load."""
+    seed = kw.pop("seed", 0)
+
+    async def all_of() -> list[dict[str, Any]]:
+        runs = [run_async(u, b, r, duration, seed=seed + i, **kw) for i, (u, b, r) in enumerate(targets)]
+        return list(await asyncio.gather(*runs))
+
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(all_of())
 
 
 def is_loopback(host: str) -> bool:

@@ -135,7 +135,7 @@ def start_baseline(
 def start_tandem(
     name: str,
     registry_uri: str,
-    model: str,
+    models: str,
     logs: Path,
     cpus: set[int],
     *,
@@ -147,12 +147,12 @@ def start_tandem(
     wport, mport, aport = free_port(), free_port(), free_port()
     endpoint = f"tcp://127.0.0.1:{wport}"
     tandem = [sys.executable, "-m", "tandem"]
-    worker = [*tandem, "worker", "--bind", endpoint, "--model", model, "--registry-uri", registry_uri]
+    worker = [*tandem, "worker", "--bind", endpoint, "--models", models, "--registry-uri", registry_uri]
     worker += ["--max-batch-size", str(max_batch_size), "--max-latency-ms", str(max_latency_ms)]
     worker += ["--batcher", batcher, "--intra-op-threads", str(intra_op_threads), "--metrics-port", str(mport)]
     worker += ["--cache-dir", str(logs.parent / "cache"), "--poll-interval", "60", "--log-level", "WARNING"]
     app = [*tandem, "app", "--host", "127.0.0.1", "--port", str(aport), "--worker-urls", endpoint]
-    app += ["--model", model, "--log-level", "WARNING"]
+    app += ["--models", models, "--default-model", models.split(",")[0], "--log-level", "WARNING"]
     server = Server(
         name,
         f"http://127.0.0.1:{aport}",
