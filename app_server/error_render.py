@@ -10,6 +10,7 @@ prediction fast path render through :func:`error_response`.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -98,7 +99,7 @@ def error_response(request: Request, exc: Exception) -> Response:
     if isinstance(exc, TandemError):
         status, code, message, details = exc.http_status, exc.code, exc.message, exc.details
         if exc.retry_after_s is not None:
-            headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))  # never sooner than asked
     elif isinstance(exc, HTTPException):
         status, message, details = exc.status_code, str(exc.detail), None
         code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
