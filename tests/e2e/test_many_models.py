@@ -39,10 +39,8 @@ class Served:
     workers: dict[str, WorkerProc]
     plain: AppProc
     """Both workers, no default model, no --models."""
-    with_default: AppProc
-    """Both workers, --default-model other."""
-    with_ghost: AppProc
-    """Both workers, --models demo,other,ghost: ghost is required but nobody serves it."""
+    configured: AppProc
+    """Both workers, --default-model other, --models demo,other,ghost: ghost is required, nobody serves it."""
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +58,13 @@ def served(demo_registry, tmp_path_factory) -> Iterator[Served]:
     procs: list = list(workers.values())
     try:
         plain = app(urls, logs, model=None)
-        with_default = app(urls, logs, "--default-model", "other", model=None)
-        with_ghost = app(urls, logs, "--models", "demo,other,ghost", model=None)
-        procs += [plain, with_default, with_ghost]
-        for a in (plain, with_default):
-            wait_ready(a)
-            wait_for(lambda a=a: versions(a) == {"demo": "1", "other": "1"}, 30, what="both models served")
-        yield Served(uri, workers, plain, with_default, with_ghost)
+        configured = app(urls, logs, "--default-model", "other", "--models", "demo,other,ghost", model=None)
+        procs += [plain, configured]
+        wait_ready(plain)
+        for a in (plain, configured):
+            want = {"demo": "1", "other": "1"} | ({"ghost": None} if a is configured else {})
+            wait_for(lambda a=a, want=want: versions(a) == want, 30, what="both models served")
+        yield Served(uri, workers, plain, configured)
     except BaseException:
         for p in procs:
             print(f"----- {p.name} log -----\n{p.log()[-3000:]}")
@@ -175,8 +173,8 @@ def test_predict_serves_the_default_model_and_refuses_to_guess_between_two(serve
     assert err["code"] == "model_not_found"
     assert "/v1/models/{name}/predict" in err["message"] and "--default-model" in err["message"]
     assert seen_by_workers(served) == before
-    by_default = httpx.post(f"{served.with_default.url}/predict", json={"instances": OTHER_ROWS}).json()
-    by_name = httpx.post(f"{served.with_default.url}/v1/models/other/predict", json={"instances": OTHER_ROWS}).json()
+    by_default = httpx.post(f"{served.configured.url}/predict", json={"instances": OTHER_ROWS}).json()
+    by_name = httpx.post(f"{served.configured.url}/v1/models/other/predict", json={"instances": OTHER_ROWS}).json()
     assert by_default["model"] == "other" and by_default["predictions"] == by_name["predictions"]
 
 
@@ -240,7 +238,7 @@ def test_a_body_for_one_model_sent_to_the_other_is_refused_with_the_field_path(s
 
 
 def test_a_required_model_nobody_serves_is_503_and_keeps_the_app_unready(served):
-    a = served.with_ghost
+    a = served.configured
     wait_for(lambda: a.counter("tandem_model_workers", model="other") == 1, 30, what="heartbeats in")
     ready = httpx.get(f"{a.url}/readyz")
     assert ready.status_code == 503 and "ghost" in ready.json()["error"]["message"] and ready.headers["retry-after"]
