@@ -92,8 +92,10 @@ class WorkerConn:
         return m.live if m is not None else None
 
     def holds(self, model: str, version: str) -> bool:
+        """Whether a request for ``version`` can run here: it is in memory, or it is the live version
+        (in memory or not: an unloaded model is loaded again on demand, and lists no resident version)."""
         m = self.models.get(model)
-        return m is not None and version in m.resident
+        return m is not None and (version == m.live or version in m.resident)
 
     def loaded(self, model: str) -> bool:
         m = self.models.get(model)

@@ -17,6 +17,7 @@ import zmq
 import zmq.asyncio
 
 from app_server import metrics
+from app_server.catalog import ModelCatalog
 from app_server.failover import Dispatcher, Prepared
 from app_server.worker_conn import WorkerConn
 from app_server.workers import WorkerPool
@@ -103,11 +104,11 @@ async def fleet() -> AsyncIterator[Callable[..., Any]]:
     ctx.term()
 
 
-async def send(dispatcher: Dispatcher, model: str) -> protocol.Message:
+async def send(dispatcher: Dispatcher, model: str, version: str | None = None) -> protocol.Message:
     async def prepare(conn: WorkerConn, version: str) -> Prepared:
         return Prepared(version, np.ones((1, 3), np.float32), "input", "probability")
 
-    reply, _ = await dispatcher.infer(model, prepare, "rid", time.monotonic() + 2)
+    reply, _ = await dispatcher.infer(model, prepare, "rid", time.monotonic() + 2, version)
     assert reply is not None
     return reply
 
@@ -166,10 +167,13 @@ async def test_workers_where_the_model_is_loaded_are_preferred_and_loading_is_re
     assert (await send(dispatcher, "m")).header["status"] == "ok"
     assert stale.served == ["m"] and other.served == ["m"] and retries("model_loading", "m") == before + 1
 
-    dispatcher, _ = await fleet(None, ({"m": serving(loaded=False)}, loading))
+    # Unloaded, the model lists no resident version, yet its live version is still served there.
+    dispatcher, (only,) = await fleet(None, ({"m": serving(loaded=False, resident=[])}, loading))
     with pytest.raises(ModelLoading) as exc:
-        await send(dispatcher, "m")
-    assert exc.value.http_status == 503 and exc.value.retry_after_s == 2.5
+        await send(dispatcher, "m", version="1")
+    assert exc.value.http_status == 503 and exc.value.retry_after_s == 2.5 and only.served == ["m"]
+    catalog = ModelCatalog(dispatcher.settings, dispatcher.pool)
+    assert catalog.holders("m", "1") and catalog.newest("m") == "1"
 
 
 async def test_an_answer_for_another_model_is_an_error_not_a_prediction(fleet):
