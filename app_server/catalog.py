@@ -76,6 +76,10 @@ class ModelCatalog:
             return live, [m for m in self.required if not live.get(m)]
         return live, [] if any(live.values()) else ["any model"]
 
+    def live_workers(self) -> int:
+        """Workers a request for some model could go to now (each counted once, whatever it serves)."""
+        return sum(c.routable() and any(m.live for m in c.models.values()) for c in self.pool.conns.values())
+
     def holders(self, model: str, version: str | None = None) -> list[WorkerConn]:
         """Live workers serving ``model`` (holding ``version`` when one is given)."""
         conns = self.pool.candidates(model)

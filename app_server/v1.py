@@ -129,11 +129,12 @@ async def healthz() -> Response:
 async def readyz(request: Request) -> Response:
     """Ready when every model the settings name has a live worker; with none named (no ``--models``,
     or only ``*``, and no default), when any model has one. See ``ModelCatalog.readiness``."""
-    live, missing = _catalog(request).readiness()
+    catalog = _catalog(request)
+    live, missing = catalog.readiness()
     if missing:  # answered directly, not raised: probes poll this and must not flood the log
         err = NoWorkers(f"no live worker serves {', '.join(missing)} yet")
         return json_response(err.to_body(), err.http_status, {"Retry-After": "1"})
-    return json_response({"status": "ready", "workers": sum(live.values()), "models": live})
+    return json_response({"status": "ready", "workers": catalog.live_workers(), "models": live})
 
 
 @router.get("/v1/models")

@@ -195,6 +195,7 @@ async def test_model_workers_gauge_follows_heartbeats_and_drops_models_nobody_li
 
     await asyncio.sleep(0.15)
     assert {k: v for k, v in gauge().items() if k in ("m", "gone", "r")} == {"m": 2, "gone": 1, "r": 0}
+    assert ModelCatalog(dispatcher.settings, pool).live_workers() == 2  # workers, not (worker, model) pairs
     a.models = {"m": serving()}  # the worker stops serving "gone"
     await asyncio.sleep(0.2)
     assert "gone" not in gauge() and gauge()["m"] == 2 and gauge()["r"] == 0

@@ -254,7 +254,8 @@ def test_a_required_model_nobody_serves_is_503_and_keeps_the_app_unready(served)
     assert 'tandem_model_workers{model="ghost"} 0.0' in gauges  # present, at 0: an alert can fire on it
     assert 'tandem_model_workers{model="demo"} 1.0' in gauges
     assert httpx.post(f"{a.url}/v1/models/demo/predict", json={"instances": DEMO_ROWS}).status_code == 200
-    assert httpx.get(f"{served.plain.url}/readyz").json()["models"] == {"demo": 1, "other": 1}
+    ready = httpx.get(f"{served.plain.url}/readyz").json()
+    assert ready["models"] == {"demo": 1, "other": 1} and ready["workers"] == 2
 
 
 def test_metrics_count_each_model_under_its_own_name_and_routes_by_template(served):
