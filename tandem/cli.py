@@ -84,6 +84,8 @@ def app_server(
     port: Annotated[int | None, typer.Option()] = None,
     worker_urls: Annotated[str | None, typer.Option(help="tcp://h:p,... or dns+tcp://name:port")] = None,
     redis_url: Annotated[str | None, typer.Option()] = None,
+    feature_timeout_ms: Annotated[float | None, typer.Option(help="Budget of one Redis read of features.")] = None,
+    prediction_cache_ttl_s: Annotated[float | None, typer.Option(help="Prediction cache TTL; 0 = off.")] = None,
     default_model: Annotated[
         str | None, typer.Option(help="Model POST /predict serves (default: the only model the workers serve).")
     ] = None,
