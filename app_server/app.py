@@ -1,26 +1,34 @@
-"""``serve(settings)``: the FastAPI application (``create_app``), its error mapping, its metrics middleware and
-the ``/predict`` fast path in front of it."""
+"""``serve(settings)``: the FastAPI application (``create_app``) behind the prediction fast path.
+
+What serves a request, and where to look: routes in :mod:`app_server.v1` and :mod:`app_server.v2`,
+which names are models in :mod:`app_server.catalog`, encoding in :mod:`app_server.predict`, sending and
+retrying in :mod:`app_server.failover`, the workers in :mod:`app_server.workers`, error answers in
+:mod:`app_server.error_render`, HTTP metrics in :mod:`app_server.http_metrics`.
+"""
 
 from __future__ import annotations
 
 import logging
-import time
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app_server import metrics
+from app_server import v1, v2
+from app_server.catalog import ModelCatalog
+from app_server.error_render import error_response
+from app_server.failover import Dispatcher
+from app_server.fast_path import PredictFastPath
 from app_server.feature_store import RedisFeatureStore
-from app_server.predict import Predictor, format_loc
+from app_server.http_metrics import MetricsMiddleware
+from app_server.openapi import install_openapi
+from app_server.predict import Predictor
 from app_server.prediction_cache import PredictionCache
-from app_server.routes import install_openapi, json_response, predict, router
-from app_server.v2 import router as v2_router
 from app_server.workers import WorkerPool
 from shared.errors import TandemError
 from shared.runtime import tune_gc
@@ -28,102 +36,28 @@ from shared.settings import AppSettings
 
 logger = logging.getLogger(__name__)
 
-
-class MetricsMiddleware:
-    """Counts and times every request by route template (pure ASGI: no per-request task overhead)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        t0 = time.perf_counter()
-        status = 500
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            route = scope.get("route")
-            name = getattr(route, "path", None) or "unmatched"
-            metrics.HTTP_REQUESTS.labels(name, str(status)).inc()
-            metrics.REQUEST_DURATION.labels(name).observe(time.perf_counter() - t0)
-
-
-class PredictFastPath:
-    """``POST /predict`` straight to its handler, past the framework's per-request machinery.
-
-    At thousands of requests per second the app server's CPU is the limit, and FastAPI's own layers
-    (body-size limit, exception telemetry, server-error middleware, routing through every registered
-    route, dependency solving) cost a measurable share of it. This wraps the whole application, so a
-    prediction meets none of them; the handler, its error mapping and its metrics are exactly those of
-    the routed path, and OpenAPI still documents the route. Everything else goes through FastAPI.
-    """
-
-    def __init__(self, app: FastAPI) -> None:
-        self.app = app
-        self._counted: dict[int, Any] = {}
-        self._duration = metrics.REQUEST_DURATION.labels("/predict")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        t0 = time.perf_counter()
-        scope["app"] = self.app  # what FastAPI would set: handlers find the predictor through it
-        request = Request(scope, receive)
-        try:
-            response = await predict(request)
-        except TandemError as exc:
-            response = _error_response(request, exc)
-        except Exception:
-            logger.exception("unhandled error on /predict")
-            response = json_response({"error": {"code": "internal_error", "message": "internal error"}}, 500)
-        await response(scope, receive, send)
-        status = response.status_code
-        counter = self._counted.get(status)
-        if counter is None:
-            counter = self._counted[status] = metrics.HTTP_REQUESTS.labels("/predict", str(status))
-        counter.inc()
-        self._duration.observe(time.perf_counter() - t0)
-
-
-def _error_response(request: Request, exc: TandemError) -> Response:
-    headers = {}
-    if exc.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
-    rid = getattr(request.state, "request_id", None)
-    if rid:
-        headers["X-Request-ID"] = rid
-    log = logger.warning if exc.http_status < 500 or exc.http_status in (503, 504) else logger.error
-    log(
-        "%s %s -> %d %s: %s",
-        request.method,
-        request.url.path,
-        exc.http_status,
-        exc.code,
-        exc.message,
-        extra={"request_id": rid},
-    )
-    return json_response(exc.to_body(), exc.http_status, headers)
+PREDICTION_ENDPOINTS = (v1.predict, v1.predict_model, v2.infer, v2.infer_version)
+"""Served by the fast path; ``/predict`` first, the most frequent."""
 
 
 def serve(settings: AppSettings) -> PredictFastPath:
-    """What uvicorn runs: the application behind the ``/predict`` fast path."""
-    return PredictFastPath(create_app(settings))
+    """What uvicorn runs: the application behind the prediction fast path."""
+    app = create_app(settings)
+    return PredictFastPath(app, prediction_routes())
+
+
+def prediction_routes() -> list[APIRoute]:
+    """The route objects of the prediction endpoints, as the application's routers hold them."""
+    routes = [r for r in (*v1.router.routes, *v2.router.routes) if isinstance(r, APIRoute)]
+    by_endpoint = {r.endpoint: r for r in routes}
+    return [by_endpoint[e] for e in PREDICTION_ENDPOINTS]
 
 
 def create_app(settings: AppSettings, pool: WorkerPool | None = None) -> FastAPI:
     pool = pool or WorkerPool(settings)
     feature_store = RedisFeatureStore.from_settings(settings) if settings.redis_url else None
     cache = PredictionCache.from_settings(settings)
+    dispatcher = Dispatcher(settings, pool)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
@@ -145,9 +79,11 @@ def create_app(settings: AppSettings, pool: WorkerPool | None = None) -> FastAPI
         description="Model serving: stateless app servers, batching GPU workers.",
     )
     app.state.settings = settings
-    app.state.predictor = Predictor(settings, pool, feature_store, cache)
-    app.include_router(router)
-    app.include_router(v2_router)
+    app.state.catalog = ModelCatalog(settings, pool)
+    app.state.dispatcher = dispatcher
+    app.state.predictor = Predictor(settings, pool, feature_store, cache, dispatcher)
+    app.include_router(v1.router)
+    app.include_router(v2.router)
     install_openapi(app)
     app.add_middleware(MetricsMiddleware)
 
@@ -155,26 +91,6 @@ def create_app(settings: AppSettings, pool: WorkerPool | None = None) -> FastAPI
     async def metrics_endpoint() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.exception_handler(TandemError)
-    async def tandem_error(request: Request, exc: TandemError) -> Response:
-        return _error_response(request, exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        details = [{"loc": format_loc(tuple(e["loc"])), "msg": e["msg"]} for e in exc.errors()]
-        first = details[0] if details else {"loc": "body", "msg": "invalid"}
-        return json_response(
-            {"error": {"code": "invalid_input", "message": f"{first['loc']}: {first['msg']}", "details": details}}, 422
-        )
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return json_response({"error": {"code": code, "message": str(exc.detail)}}, exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> Response:
-        logger.exception("unhandled error on %s", request.url.path)
-        return json_response({"error": {"code": "internal_error", "message": "internal error"}}, 500)
-
+    for exc_class in (TandemError, RequestValidationError, HTTPException, Exception):
+        app.add_exception_handler(exc_class, error_response)  # type: ignore[arg-type]
     return app

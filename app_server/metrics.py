@@ -1,4 +1,12 @@
-"""App server metrics (DESIGN §7), defined once at module level. Durations in seconds."""
+"""App server metrics, defined once at module level. Durations in seconds.
+
+Series about one model carry a ``model`` label. Its value is only ever a name the app server already
+knows (from a worker's heartbeat or its own settings), never text taken from a URL: a scanner trying
+random model names would otherwise create a series per name. Requests for an unknown model, and routes
+about no model, are counted under ``model=""``.
+"""
+
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -6,17 +14,26 @@ from shared.metrics import LATENCY_BUCKETS
 
 FAST_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 
-HTTP_REQUESTS = Counter("tandem_http_requests_total", "HTTP requests by route and status code", ["route", "code"])
-REQUEST_DURATION = Histogram(
-    "tandem_request_duration_seconds", "HTTP request duration", ["route"], buckets=LATENCY_BUCKETS
+HTTP_REQUESTS = Counter(
+    "tandem_http_requests_total", "HTTP requests by route template, status code and model", ["route", "code", "model"]
 )
-ENCODE_DURATION = Histogram("tandem_encode_duration_seconds", "Validation and feature encoding", buckets=FAST_BUCKETS)
+REQUEST_DURATION = Histogram(
+    "tandem_request_duration_seconds", "HTTP request duration", ["route", "model"], buckets=LATENCY_BUCKETS
+)
+ENCODE_DURATION = Histogram(
+    "tandem_encode_duration_seconds", "Validation and feature encoding", ["model"], buckets=FAST_BUCKETS
+)
 FEATURE_STORE_DURATION = Histogram(
     "tandem_feature_store_duration_seconds", "Online feature reads (one pipelined round trip)", buckets=FAST_BUCKETS
 )
-WORKER_RTT = Histogram("tandem_worker_rtt_seconds", "Round trip of one call to a worker", buckets=LATENCY_BUCKETS)
+WORKER_RTT = Histogram(
+    "tandem_worker_rtt_seconds", "Round trip of one call to a worker", ["model"], buckets=LATENCY_BUCKETS
+)
 WORKERS_READY = Gauge("tandem_workers_ready", "Workers answering heartbeats")
-RETRIES = Counter("tandem_retries_total", "Calls retried on another worker or version", ["reason"])
+MODEL_WORKERS = Gauge(
+    "tandem_model_workers", "Live workers serving each model (routable: alive, not draining)", ["model"]
+)
+RETRIES = Counter("tandem_retries_total", "Calls retried on another worker or version", ["reason", "model"])
 CLIENT_DISCONNECTS = Counter("tandem_client_disconnects_total", "Requests whose caller left before the answer")
 IN_FLIGHT = Gauge("tandem_in_flight_requests", "Requests this app server is holding")
 FEATURE_STORE_LOOKUPS = Counter(
@@ -28,3 +45,16 @@ FEATURE_STORE_ERRORS = Counter(
 PREDICTION_CACHE = Counter(
     "tandem_prediction_cache_total", "Prediction cache lookups per row, by result (hit, miss, error)", ["result"]
 )
+
+_children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, remembered: ``labels()`` validates and locks on every call, and this
+    runs several times per request. Bounded like the label values themselves (routes, codes, known
+    models)."""
+    key = (id(metric), labels)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*labels)
+    return found

@@ -14,8 +14,8 @@ import logging
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
@@ -24,6 +24,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from app_server import metrics
+from app_server.worker_conn import WorkerConn
 from shared import protocol
 from shared.errors import NoWorkers, ProtocolError, TandemError, from_wire
 from shared.protocol import Kind, Status
@@ -40,46 +41,6 @@ class WorkerLost(TandemError):
     """The worker holding a call left the pool or refused the message; the call may be retried."""
 
     http_status, code, retry_after_s = 503, "no_workers", 1.0
-
-
-@dataclass(eq=False)
-class WorkerConn:
-    endpoint: str
-    io: LoopSocket
-    """The DEALER to this worker, read by a callback on its descriptor (no future per message)."""
-    pending: dict[str, asyncio.Future[protocol.Message]] = field(default_factory=dict)
-    last_seen: float = 0.0
-    alive: bool = False
-    live_versions: dict[str, str | None] = field(default_factory=dict)
-    resident: dict[str, list[str]] = field(default_factory=dict)
-    queue_depth: int = 0
-    est_wait_ms: float = 0.0
-    device: str | None = None
-    draining: bool = False
-    unanswered: int = 0
-    """Pings sent since the last reply of any kind."""
-    removed: bool = False
-    """Gone from discovery: no new calls; the socket closes once its calls are answered."""
-    rtt_ewma_s: float = 0.0
-    monitor: zmq.asyncio.Socket | None = None
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    outbox: list[tuple[str, list[Any]]] = field(default_factory=list)
-    """Inference requests to send at the end of this event-loop turn, in one envelope."""
-
-    @property
-    def outstanding(self) -> int:
-        return len(self.pending)
-
-    def info(self) -> dict[str, Any]:
-        return {
-            "endpoint": self.endpoint,
-            "alive": self.alive,
-            "device": self.device,
-            "versions": self.resident,
-            "live": self.live_versions,
-            "outstanding": self.outstanding,
-            "queue_depth": self.queue_depth,
-        }
 
 
 def _send_now(conn: WorkerConn, frames: list[Any]) -> None:
@@ -103,6 +64,9 @@ class WorkerPool:
         self._prefix = f"{uuid.uuid4().hex[:12]}-"
         self._tasks: list[asyncio.Task[None]] = []
         self._describe_cache: dict[tuple[str, str], dict[str, Any]] = {}
+        self.required = frozenset(settings.required_models())
+        """Models the settings name: known (503 while nobody serves them, never 404) and in readiness."""
+        self._gauged: set[str] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -205,24 +169,29 @@ class WorkerPool:
                 except zmq.Again:
                     pass  # not connected: it stays out until it answers
             metrics.WORKERS_READY.set(sum(c.alive for c in self.conns.values()))
+            self._count_model_workers()
             await asyncio.sleep(self.interval)
 
+    def _count_model_workers(self) -> None:
+        """``tandem_model_workers``: live workers per known model (0 for a required model nobody serves);
+        the series of a model no worker lists any more, and that is not required, is removed."""
+        counts: Counter[str] = Counter()
+        for c in self.conns.values():
+            if c.routable():
+                counts.update(m for m, state in c.models.items() if state.live)
+        known = self.known_models()
+        for model in known:
+            metrics.MODEL_WORKERS.labels(model).set(counts[model])  # not metrics.child(): series get removed
+        for gone in self._gauged - known:
+            metrics.MODEL_WORKERS.remove(gone)
+        self._gauged = known
+
     def _on_pong(self, conn: WorkerConn, header: dict[str, Any]) -> None:
-        # Read in full before anything changes: a malformed heartbeat raises (the caller logs it) and
-        # leaves the worker as it was, not half-updated and marked alive with stale versions.
-        models = header.get("models") or {}
-        live_versions = {m: v.get("live") for m, v in models.items()}
-        resident = {m: list(v.get("resident") or []) for m, v in models.items()}
-        queue_depth = int(header.get("queue_depth") or 0)
-        est_wait_ms = float(header.get("est_wait_ms") or 0.0)
+        conn.apply_heartbeat(header)
         conn.last_seen = time.monotonic()
         if not conn.alive:
             logger.info("worker %s is alive", conn.endpoint)
         conn.alive = True
-        conn.live_versions, conn.resident = live_versions, resident
-        conn.queue_depth, conn.est_wait_ms = queue_depth, est_wait_ms
-        conn.device = header.get("device")
-        conn.draining = bool(header.get("draining"))
 
     def _on_reply(self, conn: WorkerConn, frames: list[Any]) -> None:
         try:
@@ -279,23 +248,43 @@ class WorkerPool:
         return f"{self._prefix}{next(self._ids)}"
 
     def candidates(self, model: str) -> list[WorkerConn]:
-        return [
-            c
-            for c in self.conns.values()
-            if c.alive and not c.draining and not c.removed and c.live_versions.get(model)
-        ]
+        """Workers a request for ``model`` may go to: alive, not draining, with a live version of it."""
+        return [c for c in self.conns.values() if c.routable() and c.live(model)]
 
     def ready(self, model: str) -> bool:
         return bool(self.candidates(model))
 
+    def listed_models(self) -> set[str]:
+        """Models some worker in the pool lists in its last heartbeat, whether it is alive or not."""
+        return {m for c in self.conns.values() if not c.removed for m in c.models}
+
+    def known_models(self) -> set[str]:
+        """Models this app server will route: those its settings name and those a worker lists."""
+        return self.listed_models() | self.required
+
+    def knows(self, model: str) -> bool:
+        return model in self.required or any(model in c.models for c in self.conns.values() if not c.removed)
+
+    def forget(self, conn: WorkerConn, model: str) -> None:
+        """The worker answered that it does not serve ``model`` (it left its ``*`` set, say): route no
+        more of it there until a heartbeat lists it again."""
+        if conn.models.pop(model, None) is not None:
+            logger.info("worker %s no longer serves %s", conn.endpoint, model)
+
     def pick(self, model: str, exclude: set[str] | frozenset[str] = frozenset()) -> WorkerConn:
-        """Least outstanding requests (worker queue included) among live workers serving ``model``;
-        ties go to the worker answering fastest lately, so a slow worker gets less traffic even when
-        load is too light for queues to form."""
+        """A live worker serving ``model``: one where it is loaded if any (the others would load it
+        first), then least outstanding requests (the model's queue there included); ties go to the
+        worker answering fastest lately, so a slow worker gets less traffic even when load is too
+        light for queues to form."""
         choices = [c for c in self.candidates(model) if c.endpoint not in exclude]
         if not choices:
             raise NoWorkers(f"no live worker serves model {model!r}")
-        return min(choices, key=lambda c: (c.outstanding + c.queue_depth, c.est_wait_ms + 1000 * c.rtt_ewma_s))
+
+        def key(c: WorkerConn) -> tuple[bool, int, float]:
+            depth, wait_ms = c.load(model)
+            return (not c.loaded(model), c.outstanding + depth, wait_ms + 1000 * c.rtt_ewma_s)
+
+        return min(choices, key=key)
 
     async def call(
         self, conn: WorkerConn, frames: list[Any], msg_id: str, timeout_s: float, *, enveloped: bool = False
@@ -365,7 +354,7 @@ class WorkerPool:
         finally:
             rtt = time.monotonic() - t0
             conn.rtt_ewma_s = rtt if not conn.rtt_ewma_s else 0.8 * conn.rtt_ewma_s + 0.2 * rtt
-            metrics.WORKER_RTT.observe(rtt)
+            metrics.child(metrics.WORKER_RTT, model).observe(rtt)
 
     def cancel(self, conn: WorkerConn, msg_id: str) -> None:
         """Tell the worker to drop a queued request nobody waits for any more."""
@@ -390,6 +379,3 @@ class WorkerPool:
         desc = reply.header["describe"]
         self._describe_cache[key] = desc
         return desc
-
-    def workers_info(self) -> list[dict[str, Any]]:
-        return [c.info() for c in self.conns.values()]

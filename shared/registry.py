@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from shared.versions import version_key
+
 logger = logging.getLogger(__name__)
 
 EXPERIMENT = "tandem-models"
@@ -118,7 +120,7 @@ def resolve_tag(uri: str, name: str, tag: str) -> VersionRef | None:
     """The newest version of ``name`` carrying ``KEY=VALUE``."""
     key, _, value = tag.partition("=")
     versions = [v for v in list_versions(uri, name) if v.tags.get(key) == value]
-    return max(versions, key=lambda v: int(v.version), default=None)
+    return max(versions, key=lambda v: version_key(v.version), default=None)
 
 
 def resolve(uri: str, name: str, *, alias: str | None = None, tag: str | None = None) -> VersionRef | None:
@@ -164,7 +166,9 @@ def list_versions(uri: str, name: str) -> list[VersionRef]:
     """Every version with its aliases (an MLflow server leaves aliases out of version searches, so they
     are taken from the registered model)."""
     c = client(uri)
-    versions = sorted((_ref(v) for v in c.search_model_versions(f"name='{name}'")), key=lambda v: int(v.version))
+    versions = sorted(
+        (_ref(v) for v in c.search_model_versions(f"name='{name}'")), key=lambda v: version_key(v.version)
+    )
     if not versions:
         return versions
     by_version: dict[str, list[str]] = {}

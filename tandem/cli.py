@@ -98,7 +98,16 @@ def app_server(
     port: Annotated[int | None, typer.Option()] = None,
     worker_urls: Annotated[str | None, typer.Option(help="tcp://h:p,... or dns+tcp://name:port")] = None,
     redis_url: Annotated[str | None, typer.Option()] = None,
-    model: Model = None,
+    feature_timeout_ms: Annotated[float | None, typer.Option(help="Budget of one Redis read of features.")] = None,
+    prediction_cache_ttl_s: Annotated[float | None, typer.Option(help="Prediction cache TTL; 0 = off.")] = None,
+    default_model: Annotated[
+        str | None, typer.Option(help="Model POST /predict serves (default: the only model the workers serve).")
+    ] = None,
+    models: Annotated[
+        str | None,
+        typer.Option(help="Models /readyz waits for, in the workers' syntax (NAME,NAME@ALIAS,...); * names none."),
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Older name of --default-model.")] = None,
     timeout_ms: Annotated[float | None, typer.Option(help="Default request deadline.")] = None,
     max_instances: Annotated[int | None, typer.Option()] = None,
     max_in_flight: Annotated[int | None, typer.Option()] = None,
@@ -107,7 +116,7 @@ def app_server(
     slow_request_ms: Annotated[float | None, typer.Option(help="Log requests slower than this.")] = None,
     log_level: LogLevel = None,
 ) -> None:
-    """Run one app server (uvicorn)."""
+    """Run one app server (uvicorn); it serves every model its workers serve, routing by name."""
     settings = build(AppSettings, **locals())
     import uvicorn
 

@@ -154,8 +154,9 @@ def worker(
 
 
 def app(
-    worker_urls: list[str], logs: Path, *extra: str, model: str = "demo", env: dict[str, str] | None = None
+    worker_urls: list[str], logs: Path, *extra: str, model: str | None = "demo", env: dict[str, str] | None = None
 ) -> AppProc:
+    """An app server; ``model`` is its ``--model`` (the default model), ``None`` for none."""
     port = free_port()
     argv = tandem_argv(
         "app",
@@ -165,8 +166,7 @@ def app(
         str(port),
         "--worker-urls",
         ",".join(worker_urls),
-        "--model",
-        model,
+        *(["--model", model] if model else []),
         "--heartbeat-interval",
         "0.2",
         *extra,

@@ -156,10 +156,10 @@ async def test_a_malformed_heartbeat_changes_nothing_and_a_good_one_is_taken(poo
     assert not conn.alive
     await _answer_next_ping(fake, models={"demo": 5}, queue_depth=0)  # "5" is not {"live": ..., "resident": [...]}
     await asyncio.sleep(0.2)
-    assert not conn.alive and conn.live_versions == {}
+    assert not conn.alive and conn.models == {}
     await _answer_next_ping(fake, models={"demo": {"live": "3", "resident": ["3"]}}, queue_depth=2)
     for _ in range(50):
         if conn.alive:
             break
         await asyncio.sleep(0.02)
-    assert conn.alive and conn.live_versions == {"demo": "3"} and conn.queue_depth == 2
+    assert conn.alive and conn.live("demo") == "3" and conn.queue_depth == 2

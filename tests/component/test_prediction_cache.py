@@ -14,6 +14,7 @@ import pytest
 from app_server.feature_store import make_client
 from app_server.predict import Predictor
 from app_server.prediction_cache import PredictionCache
+from app_server.worker_conn import ModelOnWorker, WorkerConn
 from shared.errors import NoWorkers
 from shared.features import CategoricalFeature, FeatureSpec, NumericFeature
 from shared.settings import AppSettings
@@ -65,28 +66,30 @@ class Reply:
     tensors: dict[str, np.ndarray]
 
 
-@dataclass
-class Conn:
-    endpoint: str = "fake"
-    live_versions: dict[str, str | None] = field(default_factory=dict)
+def serving(model: str, version: str) -> WorkerConn:
+    """A worker (no socket: the fake pool answers for it) whose heartbeat said it serves ``version``."""
+    return WorkerConn("fake", None, alive=True, models={model: ModelOnWorker(live=version, resident=[version])})  # type: ignore[arg-type]
 
 
 @dataclass
 class FakePool:
     """Just enough of WorkerPool: one worker whose 'model' sums each row, tagged by version."""
 
-    conn: Conn = field(default_factory=Conn)
+    conn: WorkerConn
     calls: list[tuple[str, int]] = field(default_factory=list)
 
-    def candidates(self, model: str) -> list[Conn]:
+    def candidates(self, model: str) -> list[WorkerConn]:
         return [self.conn]
 
-    def pick(self, model: str, exclude: Any = frozenset()) -> Conn:
+    def knows(self, model: str) -> bool:
+        return model in self.conn.models
+
+    def pick(self, model: str, exclude: Any = frozenset()) -> WorkerConn:
         if self.conn.endpoint in exclude:
             raise NoWorkers("none")
         return self.conn
 
-    async def describe(self, conn: Conn, model: str, version: str) -> dict[str, Any]:
+    async def describe(self, conn: WorkerConn, model: str, version: str) -> dict[str, Any]:
         return {"feature_spec": SPEC.model_dump()}
 
     async def infer(self, conn, model, version, inputs, budget_s, request_id) -> Reply:
@@ -98,7 +101,7 @@ class FakePool:
 
 async def predict(predictor: Predictor, instances: list[dict]) -> dict:
     """One request, then its cache write (made off the response path) settled."""
-    out = await predictor.predict(instances, "rid", time.monotonic() + 5)
+    out = await predictor.predict(predictor.settings.default or "", instances, "rid", time.monotonic() + 5)
     await predictor.cache_writes_done()
     return out
 
@@ -106,7 +109,7 @@ async def predict(predictor: Predictor, instances: list[dict]) -> dict:
 @pytest.mark.asyncio
 async def test_predictor_answers_repeats_from_cache_and_never_across_versions(redis_server):
     model = f"m{uuid.uuid4().hex[:8]}"  # keys of other tests' runs can never match
-    pool = FakePool(Conn(live_versions={model: "1"}))
+    pool = FakePool(serving(model, "1"))
     settings = AppSettings(redis_url=redis_server, prediction_cache_ttl_s=60, model=model)
     predictor = Predictor(settings, pool, cache=PredictionCache.from_settings(settings))  # type: ignore[arg-type]
     rows = [{"x": 1.0}, {"x": 2.0, "c": "b"}]
@@ -121,7 +124,7 @@ async def test_predictor_answers_repeats_from_cache_and_never_across_versions(re
     assert partial["predictions"][1] == first["predictions"][0]
     assert partial["predictions"][0] == partial["predictions"][2]
 
-    pool.conn.live_versions[model] = "2"  # the worker swapped to a new version
+    pool.conn.models[model].live = "2"  # the worker swapped to a new version
     after = await predict(predictor, rows)
     assert pool.calls[-1] == ("2", 2), "a new version recomputes everything"
     assert after["model_version"] == "2"
@@ -149,14 +152,14 @@ async def test_a_stalled_cache_costs_a_miss_within_the_budget_not_the_request(re
     import redis
 
     model = f"m{uuid.uuid4().hex[:8]}"
-    pool = FakePool(Conn(live_versions={model: "1"}))
+    pool = FakePool(serving(model, "1"))
     settings = AppSettings(redis_url=redis_server, prediction_cache_ttl_s=60, model=model, feature_timeout_ms=200)
     predictor = Predictor(settings, pool, cache=PredictionCache.from_settings(settings))  # type: ignore[arg-type]
     await predict(predictor, [{"x": 1.0}])  # the pool's connection is open before Redis stalls
     redis.Redis.from_url(redis_server).execute_command("CLIENT", "PAUSE", 400, "ALL")
     try:
         t0 = time.monotonic()
-        out = await predictor.predict([{"x": 5.0}], "rid", t0 + 0.08)  # less than the cache's 200 ms
+        out = await predictor.predict(model, [{"x": 5.0}], "rid", t0 + 0.08)  # less than the cache's 200 ms
         elapsed = time.monotonic() - t0
         assert out["predictions"] and pool.calls[-1] == ("1", 1)
         assert elapsed < 0.07, elapsed  # the read gave up at half the budget; the write did not wait

@@ -130,7 +130,7 @@ def test_metrics_expose_tandem_series_on_both_tiers(running):
         "tandem_workers_ready",
     ):
         assert name in app_metrics
-    assert 'tandem_http_requests_total{code="200",route="/predict"}' in app_metrics
+    assert 'tandem_http_requests_total{code="200",model="demo",route="/predict"}' in app_metrics
     assert w.counter("tandem_worker_requests_total", model="demo", outcome="ok") >= 1
     assert w.counter("tandem_model_info", model="demo", version="1", device="cpu") == 1.0
 
@@ -178,16 +178,19 @@ def test_a_client_leaving_mid_body_is_counted_499_not_a_server_error(running):
 
     a, _ = running
     host, port = a.url.removeprefix("http://").split(":")
-    before = {code: a.counter("tandem_http_requests_total", route="/predict", code=code) for code in ("499", "500")}
+    before = {
+        code: a.counter("tandem_http_requests_total", route="/predict", model="demo", code=code)
+        for code in ("499", "500")
+    }
     gone = a.counter("tandem_client_disconnects_total")
     with socket.create_connection((host, int(port))) as s:
         s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 100\r\n\r\n{\"inst")  # fmt: skip
         time.sleep(0.2)
     for _ in range(50):
-        if a.counter("tandem_http_requests_total", route="/predict", code="499") > before["499"]:
+        if a.counter("tandem_http_requests_total", route="/predict", model="demo", code="499") > before["499"]:
             break
         time.sleep(0.1)
-    assert a.counter("tandem_http_requests_total", route="/predict", code="499") == before["499"] + 1
-    assert a.counter("tandem_http_requests_total", route="/predict", code="500") == before["500"]
+    assert a.counter("tandem_http_requests_total", route="/predict", model="demo", code="499") == before["499"] + 1
+    assert a.counter("tandem_http_requests_total", route="/predict", model="demo", code="500") == before["500"]
     assert a.counter("tandem_client_disconnects_total") == gone + 1

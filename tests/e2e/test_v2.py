@@ -103,7 +103,10 @@ def test_tritonclient_infer_equals_predict(served, client, spec, binary):
     pinned = client.infer("demo", [inp], model_version=version, outputs=outputs, request_compression_algorithm="gzip")
     np.testing.assert_array_equal(pinned.as_numpy("probability")[:, 0], expected)
     counted = httpx.get(f"{a.url}/metrics").text
-    assert 'tandem_http_requests_total{code="200",route="/v2/models/{name}/versions/{version}/infer"}' in counted
+    assert (
+        'tandem_http_requests_total{code="200",model="demo",route="/v2/models/{name}/versions/{version}/infer"}'
+        in counted
+    )
 
 
 def test_raw_json_flat_and_nested_data_and_request_id(served, spec):

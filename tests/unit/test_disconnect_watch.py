@@ -12,7 +12,7 @@ import gc
 
 from starlette.requests import Request
 
-from app_server.routes import WATCHERS, DisconnectWatch
+from app_server.disconnect import WATCHERS, DisconnectWatch
 
 SCOPE = {"type": "http", "method": "POST", "path": "/predict", "headers": []}
 

@@ -16,8 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from app_server.error_render import format_loc
 from app_server.feature_store import format_value, parse_value
-from app_server.predict import Predictor, format_loc
+from app_server.predict import Predictor
 from shared.errors import InvalidInput
 from shared.features import (
     ENTITY_KEY,
@@ -119,7 +120,7 @@ def loop():
 
 def prepare(loop: asyncio.AbstractEventLoop, spec: FeatureSpec, instances: list[Any]) -> np.ndarray:
     predictor = Predictor(AppSettings(), SpecPool(spec))  # type: ignore[arg-type]
-    return loop.run_until_complete(predictor.prepare(object(), "1", instances)).x  # type: ignore[arg-type]
+    return loop.run_until_complete(predictor.prepare(object(), "m", "1", instances)).x  # type: ignore[arg-type]
 
 
 def assert_one_hot_blocks(spec: FeatureSpec, x: np.ndarray) -> None:
