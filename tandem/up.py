@@ -176,6 +176,8 @@ class Stack:
     def _print_ready(self, elapsed: float) -> None:
         status, body = self._get("/v1/models")
         served = json.loads(body)["models"] if status == 200 else []
+        order = [t.name for t in self.targets]  # as configured: the default model first
+        served.sort(key=lambda m: order.index(m["name"]) if m["name"] in order else len(order))
         url = f"http://127.0.0.1:{self.port}"
         lines = [
             f"\nTandem is ready in {elapsed:.1f} s: {url}  ({len(served)} models, {self.workers} workers; "

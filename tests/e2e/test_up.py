@@ -25,7 +25,7 @@ def _children_of(home: str, port: int) -> list[str]:
     return [line for line in out.splitlines() if "pgrep" not in line]
 
 
-def test_up_is_ready_prints_a_working_curl_and_stops_cleanly(tmp_path):
+def test_up_serves_two_models_prints_a_working_curl_for_each_and_stops_cleanly(tmp_path):
     home = str(tmp_path / "home")
     port = free_port()
     proc = subprocess.Popen(
@@ -44,35 +44,45 @@ def test_up_is_ready_prints_a_working_curl_and_stops_cleanly(tmp_path):
             if not line:
                 break
             lines.append(line)
-            if "curl -s" in line:
+            if "/v1/models      #" in line:  # the last line of the ready message
                 break
         output = "".join(lines)
         assert "Tandem is ready in" in output, output[-3000:]
-        curl = next(line for line in lines if "curl -s" in line)
-        argv = shlex.split(curl.strip())
-        url, payload = argv[2], argv[argv.index("-d") + 1]
-        assert url == f"http://127.0.0.1:{port}/predict"
-        r = httpx.post(url, content=payload, headers={"content-type": "application/json"})
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert body["model_version"] == "1" and len(body["predictions"]) == len(json.loads(payload)["instances"])
-        assert 0.0 <= body["predictions"][0] <= 1.0
-        assert len(httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["models"][0]["workers"]) == 2
+        curls = [shlex.split(line.strip()) for line in lines if "/predict -H" in line]
+        assert [argv[2] for argv in curls] == [
+            f"http://127.0.0.1:{port}/v1/models/{name}/predict" for name in ("demo", "churn")
+        ]
+        for argv in curls:
+            url, payload = argv[2], argv[argv.index("-d") + 1]
+            r = httpx.post(url, content=payload, headers={"content-type": "application/json"})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["model"] == url.split("/")[-2] and body["model_version"] == "1"
+            assert len(body["predictions"]) == len(json.loads(payload)["instances"])
+            assert 0.0 <= body["predictions"][0] <= 1.0
+        served = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["models"]
+        assert sorted(m["name"] for m in served) == ["churn", "demo"]
+        assert all(len(m["workers"]) == 2 for m in served)
+        # /predict serves the first model named, demo.
+        first = next(argv for argv in curls if "/demo/" in argv[2])
+        r = httpx.post(f"http://127.0.0.1:{port}/predict", content=first[first.index("-d") + 1])
+        assert r.status_code == 200 and r.json()["model"] == "demo", r.text
         assert len(_children_of(home, port)) == 3
         listing = subprocess.run(
-            [sys.executable, "-m", "tandem", "models", "demo", "--home", home],
+            [sys.executable, "-m", "tandem", "models", "--home", home],
             capture_output=True,
             text=True,
             check=True,
         ).stdout
-        (v1_line,) = [line for line in listing.splitlines() if line.startswith("demo v1")]
-        assert "production" in v1_line and v1_line.count("tcp://127.0.0.1:") == 2, listing
+        for name in ("demo", "churn"):
+            (v1_line,) = [line for line in listing.splitlines() if line.startswith(f"{name} v1")]
+            assert "production" in v1_line and v1_line.count("tcp://127.0.0.1:") == 2, listing
         # A crashed worker is restarted by the supervisor and rejoins the pool.
         victim = int(next(line for line in _children_of(home, port) if "--cache-dir" in line).split()[0])
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            workers = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["models"][0]["workers"]
+            workers = httpx.get(f"http://127.0.0.1:{port}/v1/models/demo").json()["workers"]
             pids = [int(line.split()[0]) for line in _children_of(home, port) if "--cache-dir" in line]
             if victim not in pids and len(pids) == 2 and sum(w["alive"] for w in workers) == 2:
                 break

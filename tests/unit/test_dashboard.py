@@ -4,7 +4,6 @@ dashboard's ``model`` variable.
 
 The real names and labels come from prometheus_client's REGISTRY after importing both tiers' metric modules,
 so a renamed metric or a dropped label breaks this test instead of silently emptying a panel in production.
-The one exception is PENDING_APP_LABELS below, which expires by itself.
 """
 
 from __future__ import annotations
@@ -18,8 +17,8 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
-import app_server.metrics  # registers the app server's metrics
-import ml_worker.metrics  # registers the worker's metrics
+import app_server.metrics  # noqa: F401 - registers the app server's metrics
+import ml_worker.metrics  # noqa: F401 - registers the worker's metrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "tandem.json"
 
@@ -47,20 +46,6 @@ DASHBOARD_METRICS = {
     "tandem_resident_budget_bytes",
     "tandem_model_evictions_total",
     "tandem_model_on_demand_loads_total",
-}
-# The app server's side of multi-model serving is a separate change that has not landed in this tree: its
-# metrics gain a ``model`` label and a new gauge ``tandem_model_workers{model}`` (live workers per model).
-# The dashboard is written against that contract. These (metric, label) pairs are the ONLY ones the checks
-# accept without the registry showing them, and only while it does not: test_pending_app_labels_are_pending
-# fails as soon as the registry carries any of them, and then this set and its uses must be deleted, so that
-# every check reads the real registry again. A metric here that the registry lacks entirely is the new gauge.
-PENDING_APP_LABELS = {
-    ("tandem_http_requests_total", "model"),
-    ("tandem_request_duration_seconds", "model"),
-    ("tandem_encode_duration_seconds", "model"),
-    ("tandem_worker_rtt_seconds", "model"),
-    ("tandem_retries_total", "model"),
-    ("tandem_model_workers", "model"),
 }
 # Labels Prometheus attaches on scrape.
 SCRAPE_LABELS = {"instance", "job"}
@@ -97,25 +82,9 @@ def exported_series() -> dict[str, set[str]]:
     return series
 
 
-def pending_series() -> dict[str, set[str]]:
-    """PENDING_APP_LABELS as series name -> labels (a histogram's label is on all three of its series)."""
-    families: dict[str, list[str]] = {}
-    for collector in collectors():
-        for name in [collector._name, *series_of(collector)]:
-            families[name] = series_of(collector) if name == collector._name else [name]
-    pending: dict[str, set[str]] = {}
-    for metric, label in PENDING_APP_LABELS:
-        for name in families.get(metric, [metric]):
-            pending.setdefault(name, set()).add(label)
-    return pending
-
-
 def known_series() -> dict[str, set[str]]:
-    """What the dashboard may use: the registry, plus the pending app labels."""
-    series = exported_series()
-    for name, labels in pending_series().items():
-        series[name] = series.get(name, set()) | labels
-    return series
+    """What the dashboard may use: what the registry exports."""
+    return exported_series()
 
 
 def dashboard() -> dict[str, Any]:
@@ -138,24 +107,6 @@ def metric_names(expr: str) -> set[str]:
 
 def families(names: set[str]) -> set[str]:
     return {re.sub(r"_(bucket|sum|count)$", "", n) for n in names} | names
-
-
-def test_pending_app_labels_are_pending():
-    def names(module: Any) -> set[str]:
-        return {c._name for c in vars(module).values() if isinstance(c, MetricWrapperBase)}
-
-    app, worker = names(app_server.metrics), names(ml_worker.metrics)
-    for metric, _ in PENDING_APP_LABELS:  # an app metric, or the new gauge the app server does not define yet
-        base = re.sub(r"_total$", "", metric)
-        assert base in app or base not in worker, f"{metric} is a worker metric: the worker's labels are final"
-    series = exported_series()
-    landed = sorted(
-        (n, label) for n, labels in pending_series().items() for label in labels if label in series.get(n, ())
-    )
-    assert not landed, (
-        f"the app server's metrics now carry {landed}: the change PENDING_APP_LABELS waited for has landed. "
-        "Delete PENDING_APP_LABELS and its uses in this file; the checks then read the real registry."
-    )
 
 
 def test_registry_holds_every_dashboard_metric():
