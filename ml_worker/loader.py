@@ -50,7 +50,6 @@ class Loader:
             raise RuntimeError(f"{slot.name} has no unloaded version to load")
         loaded = await self._load(slot, unloaded.version, unloaded.model_dir, unloaded.size_bytes)
         loaded.origin = unloaded.origin
-        loaded.size_bytes = max(loaded.size_bytes, unloaded.size_bytes)  # freed memory reused reads low
         return loaded
 
     async def _load(self, slot: ModelSlot, version: str, folder: Path, known_size: int = 0) -> LoadedVersion:
