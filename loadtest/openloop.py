@@ -278,13 +278,17 @@ def _loop_factory() -> Any:
         return None
 
 
-def run_many(targets: list[tuple[str, bytes, float]], duration: float, **kw: Any) -> list[dict[str, Any]]:
-    """Several open-loop loads at once, one per ``(url, body, rate)`` (e.g. one per model), each with its
-    own schedule (seeded apart), connections and summary, on one event loop: a mixed load."""
+def run_many(targets: list[tuple[Any, ...]], duration: float, **kw: Any) -> list[dict[str, Any]]:
+    """Several open-loop loads at once, one per ``(url, body, rate)`` or ``(url, body, rate, headers)``
+    (e.g. one per model), each with its own schedule (seeded apart), connections and summary, on one
+    event loop: a mixed load."""
     seed = kw.pop("seed", 0)
 
     async def all_of() -> list[dict[str, Any]]:
-        runs = [run_async(u, b, r, duration, seed=seed + i, **kw) for i, (u, b, r) in enumerate(targets)]
+        runs = [
+            run_async(t[0], t[1], t[2], duration, seed=seed + i, **({"headers": t[3]} if len(t) > 3 else {}), **kw)
+            for i, t in enumerate(targets)
+        ]
         return list(await asyncio.gather(*runs))
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:

@@ -2,7 +2,7 @@
 
 The event loop only moves messages: it parses frames, admits requests into the batcher of the model
 they name, and sends replies; execution (which batch runs next, running it, answering it) is
-``dispatch.py``. It never waits on a model, so pings, admissions and deadline checks keep flowing while
+``scheduler.py``. It never waits on a model, so pings, admissions and deadline checks keep flowing while
 a batch runs, and the next batch forms meanwhile. A worker serves a set of models (``--models``), each
 in a :class:`~ml_worker.slots.ModelSlot` with its own versions, batcher and registry watch; they share
 the executor fairly and the memory budget. See docs/architecture.md.
@@ -26,10 +26,10 @@ import zmq
 
 from ml_worker import metrics, replies
 from ml_worker.batcher import Pending
-from ml_worker.dispatch import Dispatcher
 from ml_worker.loader import Loader
 from ml_worker.model_set import REFUSED, ModelSet, make_batcher
 from ml_worker.residency import Residency
+from ml_worker.scheduler import Scheduler
 from ml_worker.sharing import FairShare
 from ml_worker.slots import ModelSlot
 from shared import protocol
@@ -58,11 +58,11 @@ class WorkerServer:
         self.cache_dir = Path(cache or tempfile.mkdtemp(prefix="tandem-cache-"))
         loader = Loader(settings, self.cache_dir, Residency(settings.max_resident_mb), lambda: list(self.models))
         fair = FairShare()
-        self.models = ModelSet(settings, loader, fair, self._send, lambda: self.dispatch.pump())
-        self.dispatch = Dispatcher(settings, self.models.slots, self._send, fair)
+        self.models = ModelSet(settings, loader, fair, self._send, lambda: self.scheduler.pump())
+        self.scheduler = Scheduler(settings, self.models.slots, self._send, fair)
         # Every message of a burst is handled, then batches are formed once for the whole burst
         # (pump): no task wakes up per request.
-        self._io = LoopSocket(self.sock, self._handle_safely, after_burst=self.dispatch.pump)
+        self._io = LoopSocket(self.sock, self._handle_safely, after_burst=self.scheduler.pump)
         self._draining = False
         self._tasks: list[asyncio.Task[Any]] = []
         for slot in slots:
@@ -103,7 +103,7 @@ class WorkerServer:
     def close(self) -> None:
         self._io.close(linger=500)  # let the last replies of a drain leave
         self._ctx.term()
-        self.dispatch.close()
+        self.scheduler.close()
 
     async def drain(self, timeout_s: float | None = None) -> None:
         """Stop admitting work, answer everything held, then stop serving.
@@ -114,14 +114,14 @@ class WorkerServer:
         """
         timeout_s = self.settings.drain_timeout_s if timeout_s is None else timeout_s
         self._draining = True
-        logger.info("draining: %d rows queued, %d batches running", self.depth, self.dispatch.in_flight)
+        logger.info("draining: %d rows queued, %d batches running", self.depth, self.scheduler.in_flight)
         start = time.monotonic()
         while time.monotonic() - start < timeout_s and (
-            self.depth or self.dispatch.in_flight or time.monotonic() - start < self.settings.drain_grace_s
+            self.depth or self.scheduler.in_flight or time.monotonic() - start < self.settings.drain_grace_s
         ):
-            self.dispatch.pump()
+            self.scheduler.pump()
             await asyncio.sleep(0.01)
-        if self.depth or self.dispatch.running:
+        if self.depth or self.scheduler.running:
             self._abandon()
         logger.info("drained in %.2f s", time.monotonic() - start)
         for t in self._tasks:
@@ -134,7 +134,7 @@ class WorkerServer:
         held = [p for s in self.slots.values() for p in [*s.batcher.take_all(), *s.waiting]]
         for s in self.slots.values():
             s.waiting = []
-        running = self.dispatch.take_running()
+        running = self.scheduler.take_running()
         logger.warning("drain timed out: %d queued and %d running requests answered", len(held), len(running))
         for p in held + running:
             self._count(p.model, "overloaded")
@@ -204,7 +204,7 @@ class WorkerServer:
             "device": next((s.device for s in serving if s.device), None),
             "queue_depth": self.depth,
             "est_wait_ms": (share.free_at(now) - now + share.backlog_s()) * 1000,
-            "in_flight": self.dispatch.in_flight,
+            "in_flight": self.scheduler.in_flight,
             "draining": self._draining,
         }
 

@@ -272,7 +272,7 @@ async def test_draining_worker_refuses_new_work_and_answers_what_it_holds(model_
         server.slots["demo"].live.runner = SlowRunner(server.slots["demo"].live.runner, 0.3)
         await send_one_row_requests(client, x, 5, budget_ms=5000)
         await asyncio.sleep(0.05)  # received well within this; the first batch runs for 0.3 s
-        assert server.slots["demo"].batcher.depth >= 1 and server.dispatch.in_flight == 1  # some running, some queued
+        assert server.slots["demo"].batcher.depth >= 1 and server.scheduler.in_flight == 1  # some running, some queued
         drain = asyncio.create_task(server.drain())
         await asyncio.sleep(0)
         assert not server.ready
@@ -314,7 +314,7 @@ async def test_a_batch_the_model_fails_on_is_answered_error_and_the_next_one_run
         r = await ask(client, second)
         assert r.header["status"] == "ok"
         assert r.tensors["probability"][0, 0] == pytest.approx(expected[0], rel=1e-5)
-        assert server.dispatch.in_flight == 0  # the failed batch gave its slot back
+        assert server.scheduler.in_flight == 0  # the failed batch gave its slot back
 
 
 class _FailsAfterABatch(SimpleBatcher):
@@ -366,7 +366,7 @@ async def test_a_batch_whose_output_has_no_row_per_input_is_answered_error(model
         runner.run = real_run
         again = protocol.request(Kind.INFER, "y", model="demo", version="1", budget_ms=2000, inputs={"input": x[:1]})
         assert (await ask(client, again)).header["status"] == "ok"
-        assert server.dispatch.in_flight == 0
+        assert server.scheduler.in_flight == 0
 
 
 async def test_a_drain_that_runs_out_of_time_answers_everything_it_still_holds(model_dir, demo_registry):
@@ -376,7 +376,7 @@ async def test_a_drain_that_runs_out_of_time_answers_everything_it_still_holds(m
         await send_one_row_requests(client, x, 3, budget_ms=20_000)
         await asyncio.sleep(0.1)
         assert (
-            server.slots["demo"].batcher.depth == 2 and server.dispatch.in_flight == 1
+            server.slots["demo"].batcher.depth == 2 and server.scheduler.in_flight == 1
         )  # one running for 1 s, two queued
         await server.drain(timeout_s=0.3)
         replies = {}
@@ -386,7 +386,7 @@ async def test_a_drain_that_runs_out_of_time_answers_everything_it_still_holds(m
         assert {k: h["status"] for k, h in replies.items()} == {f"h{i}": "overloaded" for i in range(3)}
         assert all("retry" in h["message"] for h in replies.values())
         await asyncio.sleep(1.0)  # the running batch ends after the drain: dropped, its slot given back
-        assert server.dispatch.in_flight == 0 and not server.dispatch.running
+        assert server.scheduler.in_flight == 0 and not server.scheduler.running
 
 
 def test_a_version_with_an_output_lacking_a_row_per_input_is_refused_at_load(model_dir):

@@ -1,5 +1,5 @@
 """Sharing the executor between models, with a fake clock: the fair-share order, then a discrete-event
-simulation of two models on one worker, driven exactly as ``ml_worker.dispatch`` drives them (every
+simulation of two models on one worker, driven exactly as ``ml_worker.scheduler`` drives them (every
 model's batcher on one ``ExecutorShare``, the ready model with the lowest virtual time first, one batch
 in flight, measured costs charged back)."""
 

@@ -1,4 +1,4 @@
-"""Execution: which model's batch runs next on the shared executor, running it, and answering it.
+"""The scheduler: which model's batch runs next on the shared executor, running it, and answering it.
 
 The server (``server.py``) admits requests into each model's batcher; this decides, whenever
 something changes (a burst of arrivals, a finished batch, a timer it set), what to do now: answer
@@ -51,7 +51,7 @@ class Running:
     """A drain that ran out of time answered its requests already: its result is dropped."""
 
 
-class Dispatcher:
+class Scheduler:
     def __init__(self, settings: WorkerSettings, slots: dict[str, ModelSlot], send: Send, fair: FairShare) -> None:
         self.settings = settings
         self.slots = slots
@@ -78,7 +78,7 @@ class Dispatcher:
         try:
             self._pump()
         except Exception:  # a batcher bug must not take the receive loop (and the worker) down
-            logger.exception("dispatch failed; retrying shortly")
+            logger.exception("scheduling failed; retrying shortly")
             if self._timer is not None:
                 self._timer.cancel()
             self._timer = asyncio.get_running_loop().call_later(0.01, self.pump)
