@@ -38,14 +38,16 @@ def example(folder: Path) -> tuple[list[dict], np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def big_models(tmp_path_factory) -> tuple[str, Path]:
-    """Two large demo networks (untrained: only their cost matters), registered once for the module."""
+def big_models(tmp_path_factory, models_registry) -> tuple[str, Path]:
+    """Two large demo networks (untrained: only their cost matters) and the small churn model, registered
+    once for the module."""
     from tandem.demo import register_demo
 
     home = tmp_path_factory.mktemp("big")
     uri = home_registry_uri(home)
     for i, name in enumerate(("big1", "big2")):
         register_demo(uri, "large", seed=20 + i, rows=1000, epochs=0, name=name)
+    registry.register(uri, "churn", folder_of(models_registry.uri, "churn", home / "src"))
     return uri, home
 
 
@@ -84,10 +86,8 @@ def test_three_models_on_two_workers_and_a_promotion_under_load_fails_nothing(st
     assert set(churn_load["versions"]) == {"1"}  # ...and only to demo
 
 
-def test_a_flood_on_a_heavy_model_leaves_a_light_model_on_the_same_worker_fast(stack, big_models, models_registry):
+def test_a_flood_on_a_heavy_model_leaves_a_light_model_on_the_same_worker_fast(stack, big_models):
     uri, home = big_models
-    if registry.resolve(uri, "churn") is None:
-        registry.register(uri, "churn", folder_of(models_registry.uri, "churn", home / "src"))
     w = stack.worker(uri, "--models", "big1,churn")
     a = stack.app([w.endpoint], "--models", "big1,churn", model=None)
     wait_ready(a)
@@ -147,8 +147,8 @@ def test_every_model_with_the_alias_comes_and_goes_with_the_registry(stack, mode
 
 def test_a_budget_for_one_of_two_models_answers_every_request_within_budget_and_margin(stack, big_models, tmp_path):
     uri, home = big_models
-    budget_mb = 100  # one large model measures 52-83 MB: one fits, two do not
-    idle = stack.worker(uri, "--models", "not-registered")  # the same process with no model, for comparison
+    budget_mb = 80  # one large model measures about 52 MB (up to 83 at a process's first load): two never fit
+    small = stack.worker(uri, "--models", "churn")  # the process with a model of next to no size, to compare
     w = stack.worker(uri, "--models", "big1,big2", "--max-resident-mb", str(budget_mb), "--poll-interval", "0.5")
     a = stack.app([w.endpoint], "--models", "big1,big2", model=None)
     wait_ready(a)
@@ -179,16 +179,22 @@ def test_a_budget_for_one_of_two_models_answers_every_request_within_budget_and_
         sampler.join(2)
     assert all(s in (200, (503, "model_loading")) for s in statuses), statuses
     assert statuses.count(200) >= 8, statuses
-    loaded = [m for m in httpx.get(f"{a.url}/v1/models").json()["models"] if any(w_["loaded"] for w_ in m["workers"])]
-    assert len(loaded) == 1
+
+    def loaded() -> int:
+        return sum(any(w_["loaded"] for w_ in m["workers"]) for m in httpx.get(f"{a.url}/v1/models").json()["models"])
+
+    wait_for(lambda: loaded() == 1, 5, what="one model in memory, as the heartbeats tell the app")
     assert (
         w.counter("tandem_model_evictions_total", model="big1")
         + w.counter("tandem_model_evictions_total", model="big2")
         >= 8
     )
-    # Memory: the idle worker's, plus the budget, plus the stated margin: one model's files while a load
-    # parses them (freed right after) and 32 MB of allocator and thread-stack slack.
-    baseline = psutil.Process(idle.proc.pid).memory_info().rss
+    # Memory: a worker's own (one with only a tiny model), plus the budget, plus the stated margin: while
+    # a load runs, the parsed file and the optimiser's copies take up to about twice the model's files
+    # (freed when it ends; measured 100-115 MB for these 48 MB files), plus 40 MB of the runtime's
+    # one-time set-up for large models and allocator slack.
+    wait_for(lambda: small.counter("tandem_model_info", model="churn", version="1", device="cpu") == 1, 10)
+    baseline = psutil.Process(small.proc.pid).memory_info().rss
     file_mb = registry.model_files(folder_of(uri, "big1", home / "dl"))["onnx"].stat().st_size / 2**20
     over_mb = (max(peak) - baseline) / 2**20
-    assert over_mb <= budget_mb + file_mb + 32, (over_mb, budget_mb, file_mb)
+    assert over_mb <= budget_mb + 2 * file_mb + 40, (over_mb, budget_mb, file_mb)
