@@ -75,7 +75,8 @@ def summarize(
     versions: Counter[str],
     span_s: float,
 ) -> dict[str, Any]:
-    """The run's summary (the JSON the command prints). Latency percentiles are over successful answers; errors are counted."""
+    """The run's summary (the JSON the command prints). Latency percentiles are over successful answers;
+    errors are counted."""
     lat = np.sort(np.asarray(latencies_ms, dtype=np.float64))
     ok = outcomes.get("ok", 0)
 
