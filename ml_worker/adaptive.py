@@ -193,6 +193,8 @@ class AdaptiveBatcher:
             self._probes.add(id(item))
             self._last_probe = now
         v = item.version
+        if not self._rows:
+            self._share.has_queue(self.name, True)
         if v not in self._queues:
             self._queues[v] = deque()
             self._vrows[v] = 0
@@ -400,6 +402,8 @@ class AdaptiveBatcher:
         if not self._vrows[p.version]:
             del self._vrows[p.version]
             del self._queues[p.version]
+        if not self._rows:
+            self._share.has_queue(self.name, False)
 
     def _compact(self) -> None:
         self._heap = [e for e in self._heap if id(e[2]) in self._live]

@@ -41,15 +41,32 @@ class Member(Protocol):
 class ExecutorShare:
     """The shared executor's predicted occupancy and the other models' claims on it."""
 
+    UTILIZATION_TTL_S = 0.005
+    """How long a sum of the members' utilisations is reused: it moves with arrival rates (time constant
+    0.5 s), and summing it over fifty models for every poll would cost more than it informs."""
+
     def __init__(self) -> None:
         self._ends: list[float] = []  # predicted end of each batch in flight, any model
         self._members: dict[str, tuple[float, Member]] = {}
+        self._queued: dict[str, tuple[float, Member]] = {}
+        """Members with rows queued: only they can hold the executor up, so only they are asked."""
+        self._utilization: dict[str, float] = {}
+        self._utilization_at = -1.0
 
     def join(self, name: str, weight: float, member: Member) -> None:
         self._members[name] = (weight, member)
 
     def leave(self, name: str) -> None:
         self._members.pop(name, None)
+        self._queued.pop(name, None)
+        self._utilization.pop(name, None)
+
+    def has_queue(self, name: str, queued: bool) -> None:
+        """A member's queue became non-empty (or empty): called on those transitions only."""
+        if queued and name in self._members:
+            self._queued[name] = self._members[name]
+        else:
+            self._queued.pop(name, None)
 
     def started(self, predicted_end: float) -> None:
         heapq.heappush(self._ends, predicted_end)
@@ -75,11 +92,11 @@ class ExecutorShare:
         Under fair sharing, while one model executes ``own_s`` seconds each other model ``j`` with work
         queued executes up to ``own_s * w_j / w_name`` seconds, bounded by what it has queued.
         """
-        if len(self._members) < 2:
+        if not self._queued or (len(self._queued) == 1 and name in self._queued):
             return 0.0
         weight = self._members[name][0] if name in self._members else 1.0
         total = 0.0
-        for other, (w, member) in self._members.items():
+        for other, (w, member) in self._queued.items():
             if other != name:
                 total += min(member.backlog_s(), own_s * w / weight)
         return total
@@ -87,10 +104,13 @@ class ExecutorShare:
     def others_utilization(self, name: str, now: float) -> float:
         if len(self._members) < 2:
             return 0.0
-        return sum(m.utilization(now) for other, (_, m) in self._members.items() if other != name)
+        if now - self._utilization_at > self.UTILIZATION_TTL_S or now < self._utilization_at:
+            self._utilization = {n: m.utilization(now) for n, (_, m) in self._members.items()}
+            self._utilization_at = now
+        return sum(self._utilization.values()) - self._utilization.get(name, 0.0)
 
     def backlog_s(self) -> float:
-        return sum(m.backlog_s() for _, m in self._members.values())
+        return sum(m.backlog_s() for _, m in self._queued.values())
 
 
 class FairShare:
