@@ -130,7 +130,7 @@ class WorkerServer:
     def _abandon(self) -> None:
         """The drain ran out of time: answer what is still held, queued or running, before the socket
         closes, as ``overloaded`` so app servers retry it elsewhere. A running batch's late result is
-        then dropped by the dispatcher, so nothing is answered twice."""
+        then dropped by the scheduler, so nothing is answered twice."""
         held = [p for s in self.slots.values() for p in [*s.batcher.take_all(), *s.waiting]]
         for s in self.slots.values():
             s.waiting = []
