@@ -169,7 +169,8 @@ def up(
     port: Annotated[int, typer.Option(help="App server HTTP port.")] = 8000,
     workers: Annotated[int, typer.Option(help="Worker processes.")] = 2,
     models: Annotated[
-        str | None, typer.Option(help="Models every worker serves (default demo,churn; see `tandem worker`).")
+        str | None,
+        typer.Option(help="Models every worker serves (default *: every model with the alias; see `tandem worker`)."),
     ] = None,
     model: Annotated[str | None, typer.Option(help="One-model form of --models.")] = None,
     registry_uri: RegistryUri = None,
@@ -201,10 +202,11 @@ def up(
 ) -> None:
     """Everything local: registry, demo models, N workers and one app server. Ctrl-C stops it all.
 
-    Serves the demo models `demo` (fraud) and `churn` unless --models says otherwise; a demo model the
-    registry lacks is trained and registered first. The registry is found like every other command's
-    (--registry-uri, TANDEM_REGISTRY_URI, MLFLOW_TRACKING_URI, else the --home registry), so
-    `tandem promote` acts on the one this stack uses.
+    Serves every registered model with the alias (`*`) unless --models says otherwise: a model promoted
+    while it runs is served at the next poll. Into a registry with none, the demo models `demo` (fraud)
+    and `churn` are trained and registered first; a named demo model the registry lacks is too. The
+    registry is found like every other command's (--registry-uri, TANDEM_REGISTRY_URI,
+    MLFLOW_TRACKING_URI, else the --home registry), so `tandem promote` acts on the one this stack uses.
     """
     flags = dict(locals())
     from shared.model_targets import parse_models

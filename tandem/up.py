@@ -29,7 +29,11 @@ READY_TIMEOUT_S = 180.0
 STATE_FILE = "up.json"
 """Written into the home while the stack runs, so other commands (``tandem models``) can find it."""
 GRACE_S = 15.0
-DEFAULT_MODELS = "demo,churn"
+DEFAULT_MODELS = "*"
+"""Every model of the registry with the alias: one promoted while the stack runs is served at the next
+poll, with no restart."""
+FIRST_MODELS = ("demo", "churn")
+"""What ``tandem up`` trains and registers into a registry that has no model for ``*`` to serve."""
 DEMOS = {"demo": ("fraud", "small"), "demo-large": ("fraud", "large"), "churn": ("churn", "small")}
 """Models ``tandem up`` trains and registers itself when the registry lacks them."""
 
@@ -61,12 +65,14 @@ class Stack:
     home: Path
     port: int = 8000
     workers: int = 2
-    targets: list[ModelTarget] = field(default_factory=lambda: [ModelTarget("demo"), ModelTarget("churn")])
+    targets: list[ModelTarget] = field(default_factory=lambda: [ModelTarget("*")])
     registry_uri: str | None = None
     worker_flags: dict[str, str] = field(default_factory=dict)
     app_flags: dict[str, str] = field(default_factory=dict)
     children: list[Child] = field(default_factory=list)
     _stopping: bool = False
+    _expected: list[str] = field(default_factory=list)
+    """Models the ready message waits for: those named, or those with the alias when the stack started."""
 
     def run(self) -> int:
         t0 = time.monotonic()
@@ -98,7 +104,7 @@ class Stack:
         wanted = [t for t in self.targets if not t.every]
         every = next((t for t in self.targets if t.every), None)
         if every is not None and not registry.models_with_alias(uri, every.alias or "production"):
-            wanted += [ModelTarget(n, alias=every.alias) for n in DEFAULT_MODELS.split(",")]
+            wanted += [ModelTarget(n, alias=every.alias) for n in FIRST_MODELS]
         for target in wanted:
             if registry.resolve(uri, target.name, alias=target.alias, tag=target.tag) is not None:
                 continue
@@ -113,6 +119,19 @@ class Stack:
             if alias not in ref.aliases:
                 registry.set_alias(uri, target.name, alias, ref.version)
             logger.info("registered %s version %s as @%s", target.name, ref.version, alias)
+        self._expected = [t.name for t in self.targets if not t.every]
+        if every is not None:
+            found = registry.models_with_alias(uri, every.alias or "production")
+            self._expected += sorted(n for n in found if n not in self._expected)
+
+    @property
+    def default_model(self) -> str | None:
+        """What ``POST /predict`` serves unless ``--default-model`` says: the first model named, or for
+        ``*`` the fraud demo when it is there."""
+        named = [t.name for t in self.targets if not t.every]
+        if named:
+            return named[0]
+        return "demo" if "demo" in self._expected else None
 
     def _spawn(self, uri: str) -> None:
         base = [sys.executable, "-m", "tandem"]
@@ -139,8 +158,8 @@ class Stack:
             self.children.append(Child(f"worker-{i}", argv))
         app_argv = [*base, "app", "--host", "127.0.0.1", "--port", str(self.port), "--worker-urls", ",".join(endpoints)]
         app_argv += ["--models", self.models_flag]
-        if "default-model" not in self.app_flags and not self.targets[0].every:
-            app_argv += ["--default-model", self.targets[0].name]
+        if "default-model" not in self.app_flags and self.default_model:
+            app_argv += ["--default-model", self.default_model]
         for flag, value in self.app_flags.items():
             app_argv += [f"--{flag}", value] if value else [f"--{flag}"]
         self.children.append(Child("app", app_argv))
@@ -165,7 +184,7 @@ class Stack:
                 if child.exited is not None:
                     logger.error("%s exited with %s before the stack was ready", child.name, child.exited)
                     return False
-            if self._get("/readyz")[0] == 200:
+            if self._get("/readyz")[0] == 200 and self._all_served():
                 self._print_ready(time.monotonic() - t0)
                 return True
             time.sleep(0.2)
@@ -173,10 +192,18 @@ class Stack:
             logger.error("stack not ready after %.0f s", READY_TIMEOUT_S)
         return False
 
+    def _all_served(self) -> bool:
+        """Every expected model has a live version (with ``*``, ``/readyz`` is ready with the first)."""
+        status, body = self._get("/v1/models")
+        if status != 200:
+            return False
+        live = {m["name"] for m in json.loads(body)["models"] if m.get("version")}
+        return all(name in live for name in self._expected)
+
     def _print_ready(self, elapsed: float) -> None:
         status, body = self._get("/v1/models")
         served = json.loads(body)["models"] if status == 200 else []
-        order = [t.name for t in self.targets]  # as configured: the default model first
+        order = [self.default_model, *self._expected]  # the default model first, then as configured
         served.sort(key=lambda m: order.index(m["name"]) if m["name"] in order else len(order))
         url = f"http://127.0.0.1:{self.port}"
         lines = [

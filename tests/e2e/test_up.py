@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 from procs import free_port
@@ -29,7 +30,20 @@ def test_up_serves_two_models_prints_a_working_curl_for_each_and_stops_cleanly(t
     home = str(tmp_path / "home")
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tandem", "up", "--home", home, "--port", str(port), "--workers", "2"],
+        [
+            sys.executable,
+            "-m",
+            "tandem",
+            "up",
+            "--home",
+            home,
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--poll-interval",
+            "1",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -77,6 +91,19 @@ def test_up_serves_two_models_prints_a_working_curl_for_each_and_stops_cleanly(t
         for name in ("demo", "churn"):
             (v1_line,) = [line for line in listing.splitlines() if line.startswith(f"{name} v1")]
             assert "production" in v1_line and v1_line.count("tcp://127.0.0.1:") == 2, listing
+        # A model registered (with @production) while the stack runs is served without a restart.
+        from shared import registry
+        from shared.settings import home_registry_uri
+
+        uri = home_registry_uri(Path(home))
+        churn = registry.download(uri, registry.resolve(uri, "churn"), tmp_path / "dl")
+        registry.register(uri, "late", churn)
+        late_url = f"http://127.0.0.1:{port}/v1/models/late/predict"
+        body = {"instances": registry.read_input_example(churn)["instances"][:1]}
+        deadline = time.monotonic() + 20
+        while httpx.post(late_url, json=body).status_code != 200:
+            assert time.monotonic() < deadline, httpx.post(late_url, json=body).text
+            time.sleep(0.2)
         # A crashed worker is restarted by the supervisor and rejoins the pool.
         victim = int(next(line for line in _children_of(home, port) if "--cache-dir" in line).split()[0])
         os.kill(victim, signal.SIGKILL)
