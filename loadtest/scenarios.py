@@ -58,7 +58,7 @@ class Up:
         self.ready_s = time.monotonic() - t0
 
     def workers(self) -> list[dict[str, Any]]:
-        return json.loads(http_get(f"{self.url}/v1/models")[1])["models"][0]["workers"]
+        return json.loads(http_get(f"{self.url}/v1/models/demo")[1])["workers"]
 
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGTERM)
