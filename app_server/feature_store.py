@@ -1,4 +1,4 @@
-"""Online features from Redis (DESIGN §6): fill a request's gaps from the hashes of its entities.
+"""Online features from Redis (docs/features.md): fill a request's gaps from the hashes of its entities.
 
 An entity's stored features live in the hash ``tandem:{entity}:{entity_id}``, one field per feature,
 values as text. A request is served with one pipelined round trip (an HGETALL per distinct entity)

@@ -3,6 +3,7 @@ are read, the deadline header checked, JSON encoded by orjson."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -13,6 +14,7 @@ from app_server import metrics
 from shared.errors import ClientDisconnected, InvalidInput, TooLarge
 
 MAX_TIMEOUT_MS = 60_000.0
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -29,10 +31,9 @@ def budget_s(request: Request, default_ms: float) -> float:
     raw = request.headers.get("x-timeout-ms")
     if raw is None:
         return default_ms / 1000
-    try:
-        ms = float(raw)
-    except ValueError:
-        ms = -1.0
+    # A decimal number as JSON writes one (what the document declares), not whatever float() takes:
+    # "nan", "inf" and "1_000" are refused.
+    ms = float(raw) if _DECIMAL.fullmatch(raw) else -1.0
     if not 0 < ms <= MAX_TIMEOUT_MS:
         raise InvalidInput(f"headers.X-Timeout-Ms: expected a number of milliseconds in (0, {MAX_TIMEOUT_MS:.0f}]")
     return ms / 1000

@@ -1,64 +1,189 @@
-"""The OpenAPI document, with the ``/predict`` body showing the default model's instance fields.
+"""The OpenAPI document (``/openapi.json``, which ``/docs`` reads), with each served model's own request
+body on paths of its own.
 
-A model's feature spec is known only at runtime, from the workers, and FastAPI builds its document once
-and synchronously. So ``/openapi.json`` (which ``/docs`` reads) is replaced by an async route that asks
-a worker for the newest version's spec and patches the static document; until a worker is up, or when
-there is no default model, it serves the static one. One document is kept per (model, version).
+A model's feature spec and tensor signature are known only at runtime, from the workers, and the routes
+are templated by model name (``/v1/models/{name}/predict``). OpenAPI cannot vary a body by the value of
+a path parameter, and a ``oneOf`` of every model's body on the templated route would admit a churn
+body for demo. So each model a worker describes gets concrete paths, ``/v1/models/demo/predict`` and
+``/v2/models/demo/infer``, with exactly its fields (or its tensor's name, datatype and width), listed
+under a tag named after it; OpenAPI matches a concrete path before a templated one, so those bodies are
+the ones that govern the model's requests. The templated routes stay, with a generic body, for names a
+``*`` worker may load after the document was made. ``/predict`` documents the default model's body.
+
+The document is rebuilt when the set of (model, newest version) or the default model changes; until a
+worker describes a model it is the static one FastAPI builds from the routes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
+import re
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request, Response
 
 from app_server.catalog import ModelCatalog
 from app_server.http_io import json_response
 from app_server.schemas import instance_schema, predict_body_schema
+from app_server.v2_tensors import infer_body_schema
 from shared.errors import TandemError
 from shared.features import FeatureSpec
 
 logger = logging.getLogger(__name__)
 
+MAX_DOCUMENTS = 16
+"""Documents kept (one per state of the fleet); a rollout makes a few, a flapping fleet must not grow it."""
+
+Described = dict[str, tuple[str, dict[str, Any]]]
+
 
 def install_openapi(app: FastAPI) -> None:
     url = app.openapi_url or "/openapi.json"
     app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != url]
-    documents: dict[tuple[str, str], dict[str, Any]] = {}
+    documents: dict[tuple[Any, ...], dict[str, Any]] = {}
 
     @app.get(url, include_in_schema=False)
     async def openapi_document(request: Request) -> Response:
         catalog: ModelCatalog = request.app.state.catalog
+        described = await describe_all(catalog)
         try:
-            model = catalog.default()
-            version, desc = await catalog.describe(model)
-        except TandemError as exc:  # the static document is still useful without the model's fields
-            logger.debug("OpenAPI: no default model's fields to show (%s)", exc.message)
-            return json_response(app.openapi())
-        if (model, version) not in documents:
-            documents[model, version] = with_instance_schema(
-                app.openapi(), model, version, desc, catalog.settings.max_instances
-            )
-        return json_response(documents[model, version])
+            default: str | None = catalog.default()
+        except TandemError:  # several models and no default, or none yet: /predict keeps the generic body
+            default = None
+        key = (default, tuple(sorted((m, v) for m, (v, _) in described.items())))
+        if key not in documents:
+            if len(documents) >= MAX_DOCUMENTS:
+                documents.clear()
+            documents[key] = with_models(static_document(app), described, default, catalog.settings.max_instances,
+                                         entities=catalog.settings.redis_url is not None)  # fmt: skip
+        return json_response(documents[key])
 
 
-def with_instance_schema(
-    base: dict[str, Any], model: str, version: str, desc: dict[str, Any], max_instances: int
-) -> dict[str, Any]:
-    """A copy of ``base`` whose /predict request body documents one version's instance fields."""
-    doc = copy.deepcopy(base)
-    spec = FeatureSpec.model_validate(desc["feature_spec"])
-    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-    schemas["PredictInstance"] = instance_schema(spec, f"{model} v{version} instance")
-    post = doc["paths"]["/predict"]["post"]
-    body = post["requestBody"]["content"]["application/json"]
-    body["schema"] = predict_body_schema("#/components/schemas/PredictInstance", max_instances)
-    if desc.get("input_example"):
-        body["example"] = {"instances": desc["input_example"][:2]}
-    post["description"] = (
-        f"{post.get('description', '')}\n\nInstances are validated against the feature spec of {model} "
-        f"v{version}, the newest version a worker serves."
-    ).strip()
+def static_document(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document of the routes, less the 422 it adds to every route with parameters: that
+    shape (``HTTPValidationError``) is FastAPI's own validation, which no route here uses."""
+    doc = app.openapi()
+    if "HTTPValidationError" in doc.get("components", {}).get("schemas", {}):
+        for ops in doc["paths"].values():
+            for op in ops.values():
+                schema = op["responses"].get("422", {}).get("content", {}).get("application/json", {}).get("schema")
+                if schema == {"$ref": "#/components/schemas/HTTPValidationError"}:
+                    del op["responses"]["422"]
+        for name in ("HTTPValidationError", "ValidationError"):
+            doc["components"]["schemas"].pop(name, None)
     return doc
+
+
+async def describe_all(catalog: ModelCatalog) -> Described:
+    """(newest version, description) of every model a live worker can describe now."""
+    names = catalog.names()
+    found = await asyncio.gather(*(catalog.describe(m) for m in names), return_exceptions=True)
+    described: Described = {}
+    for name, result in zip(names, found, strict=True):
+        if isinstance(result, TandemError):
+            logger.debug("OpenAPI: %s not described (%s)", name, result.message)
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            described[name] = result
+    return described
+
+
+TEMPLATES = {
+    "predict": "/v1/models/{name}/predict",
+    "infer": "/v2/models/{name}/infer",
+    "infer_version": "/v2/models/{name}/versions/{version}/infer",
+}
+"""The templated routes that take a body: each described model gets a concrete copy of each."""
+
+
+def with_models(
+    base: dict[str, Any], described: Described, default: str | None, max_instances: int, *, entities: bool
+) -> dict[str, Any]:
+    """A copy of ``base`` with each described model's paths, and ``/predict`` showing the default's body."""
+    doc = copy.deepcopy(base)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    paths = doc["paths"]
+    templates = {kind: paths[path]["post"] for kind, path in TEMPLATES.items()}
+    # The generic bodies, bounded by this app server's --max-instances (any model's fields or tensor).
+    generic = {
+        "predict": predict_body_schema({"type": "object"}, max_instances),
+        "infer": infer_body_schema(None, None, max_instances),
+        "infer_version": infer_body_schema(None, None, max_instances),
+    }
+    for kind, schema in generic.items():
+        templates[kind]["requestBody"]["content"]["application/json"]["schema"] = schema
+    paths["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"] = generic["predict"]
+    used: set[str] = set()
+    for model in sorted(described):
+        version, desc = described[model]
+        spec = FeatureSpec.model_validate(desc["feature_spec"])
+        key = _component_name(model, used)
+        schemas[key] = instance_schema(spec, entities, f"{model} v{version} instance")
+        predict = {"schema": predict_body_schema({"$ref": f"#/components/schemas/{key}"}, max_instances)}
+        if desc.get("input_example"):
+            predict["example"] = {"instances": desc["input_example"][:2]}
+        predict_note = f"Instances are validated against the feature spec of {model} v{version}, the newest served."
+        signature = desc["inputs"][0]
+        infer: dict[str, Any] = {
+            "schema": infer_body_schema(signature, [o["name"] for o in desc["outputs"]], max_instances)
+        }
+        if desc.get("input_example"):
+            x = spec.encoder.encode(desc["input_example"][:1])
+            tensor = {"name": signature["name"], "datatype": signature["datatype"], "shape": list(x.shape)}
+            infer["example"] = {"inputs": [{**tensor, "data": x.ravel().tolist()}]}
+        infer_note = (
+            f"The tensor of {model} v{version}, the newest served: {signature['name']!r}, "
+            f"{signature['datatype']}, [rows, {signature['shape'][-1]}] (another version's may differ)."
+        )
+        for kind, body, note in (("predict", predict, predict_note), ("infer", infer, infer_note),
+                                 ("infer_version", infer, infer_note)):  # fmt: skip
+            path = TEMPLATES[kind].replace("{name}", quote(model, safe=""))
+            paths[path] = {"post": _concrete(templates[kind], model, key, body, note)}
+        if model == default:
+            post = paths["/predict"]["post"]
+            post["requestBody"]["content"] = {"application/json": copy.deepcopy(predict)}
+            post["description"] += f"\n\nThe default model is {model}. {predict_note}"
+    if described:
+        for op in templates.values():
+            _other_names(op, sorted(described))
+    return doc
+
+
+def _other_names(op: dict[str, Any], names: list[str]) -> None:
+    """The templated route is for names without paths of their own: a model a ``*`` worker loads after
+    this document was made. Said in the schema too (OpenAPI matches concrete paths first anyway), so a
+    tool that fills ``name`` with a served model's name uses that model's path, not the generic body."""
+    for p in op["parameters"]:
+        if p["in"] == "path" and p["name"] == "name":
+            p["schema"] = {"type": "string", "not": {"enum": names}}
+            p["description"] = (
+                "A model without a path of its own in this document (one served since it was made); "
+                f"{', '.join(names)} have theirs, with their own bodies."
+            )
+
+
+def _component_name(model: str, used: set[str]) -> str:
+    """A component key for a model's instance (``[A-Za-z0-9._-]`` only), distinct from the others."""
+    base = "Instance." + re.sub(r"[^A-Za-z0-9._-]", "_", model)
+    key, n = base, 1
+    while key in used:
+        n += 1
+        key = f"{base}.{n}"
+    used.add(key)
+    return key
+
+
+def _concrete(template: dict[str, Any], model: str, key: str, body: dict[str, Any], note: str) -> dict[str, Any]:
+    """The templated operation for one model: no ``name`` parameter, the model's own body."""
+    op = copy.deepcopy(template)
+    op["parameters"] = [p for p in op.get("parameters", []) if not (p["in"] == "path" and p["name"] == "name")]
+    op["requestBody"]["content"] = {"application/json": body}
+    op["operationId"] = f"{op['operationId']}.{key}"
+    op["summary"] = f"{op['summary']} ({model})"
+    op["description"] = f"{op.get('description', '')}\n\n{note}".strip()
+    op["tags"] = [model]
+    return op

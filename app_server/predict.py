@@ -48,7 +48,7 @@ class Predictor:
         self.pool = pool
         self.feature_store = feature_store
         self.cache = cache
-        self.specs = VersionSpecs(pool)
+        self.specs = VersionSpecs(pool, entities=feature_store is not None)
         self.dispatcher = dispatcher or Dispatcher(settings, pool)
         self._cache_writes: set[asyncio.Future[None]] = set()  # referenced until done, or they may vanish
 

@@ -17,32 +17,31 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from app_server import metrics
+from app_server.api_models import Healthy, ModelEntry, ModelList, PredictAnswer, Ready, responses
 from app_server.catalog import ModelCatalog
 from app_server.disconnect import DisconnectWatch
 from app_server.http_io import budget_s, json_response, read_json
 from app_server.http_metrics import label_model
 from app_server.predict import Predictor
+from app_server.schemas import PREDICTION_HEADERS, predict_body_schema
 from shared.errors import NoWorkers, TandemError
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter()
 
-PREDICT_BODY = {
+PREDICT_DOC = {
     "requestBody": {
         "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["instances"],
-                    "properties": {"instances": {"type": "array", "items": {"type": "object"}, "minItems": 1}},
-                }
-            }
-        },
-    }
+        "content": {"application/json": {"schema": predict_body_schema({"type": "object"}, None)}},
+    },
+    "parameters": PREDICTION_HEADERS,
 }
-"""The body of both predict routes until a worker describes the model (see :mod:`app_server.openapi`)."""
+"""Both predict routes' body and headers. A model's own fields are documented per model, by
+:mod:`app_server.openapi`: this generic body is what a name not yet served when the document was made
+(a ``*`` worker loads models on demand) can be sent; :mod:`app_server.openapi` bounds its instances by
+the app server's ``--max-instances``."""
+PREDICT_RESPONSES = responses(PredictAnswer, (404, 413, 422, 500, 503, 504), request_id=True)
 
 
 def _predictor(request: Request) -> Predictor:
@@ -59,7 +58,7 @@ def _request_id(request: Request) -> str:
     return request_id
 
 
-@router.post("/predict", openapi_extra=PREDICT_BODY)
+@router.post("/predict", openapi_extra=PREDICT_DOC, responses=PREDICT_RESPONSES)
 async def predict(request: Request) -> Response:
     """Score instances with the default model (``--default-model``, else the only model served).
 
@@ -71,7 +70,7 @@ async def predict(request: Request) -> Response:
     return await _predict(request, model, request_id)
 
 
-@router.post("/v1/models/{name}/predict", openapi_extra=PREDICT_BODY)
+@router.post("/v1/models/{name}/predict", openapi_extra=PREDICT_DOC, responses=PREDICT_RESPONSES)
 async def predict_model(request: Request, name: str) -> Response:
     """Score instances with model ``name``, on the version the serving worker holds.
 
@@ -120,12 +119,12 @@ async def _predict(request: Request, model: str, request_id: str) -> Response:
     return json_response(result, headers={"X-Request-ID": request_id})
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses=responses(Healthy, (500,)))
 async def healthz() -> Response:
     return json_response({"status": "ok"})
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses=responses(Ready, (500, 503)))
 async def readyz(request: Request) -> Response:
     """Ready when every model the settings name has a live worker; with none named (no ``--models``,
     or only ``*``, and no default), when any model has one. See ``ModelCatalog.readiness``."""
@@ -137,7 +136,7 @@ async def readyz(request: Request) -> Response:
     return json_response({"status": "ready", "workers": catalog.live_workers(), "models": live})
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=responses(ModelList, (500,)))
 async def models(request: Request) -> Response:
     """Every model served: its newest live version, feature spec, an instance a caller can send as is,
     its signature, and what each worker serving it holds."""
@@ -146,7 +145,7 @@ async def models(request: Request) -> Response:
     return json_response({"models": entries})
 
 
-@router.get("/v1/models/{name}")
+@router.get("/v1/models/{name}", responses=responses(ModelEntry, (404, 500)))
 async def model(request: Request, name: str) -> Response:
     """One model's entry of ``GET /v1/models``; a known model nobody serves right now is listed with
     ``version: null`` (as in the list), not refused."""

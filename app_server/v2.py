@@ -19,13 +19,26 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from app_server import metrics
+from app_server.api_models import (
+    InferAnswer,
+    Live,
+    ModelConfig,
+    ModelMetadata,
+    ModelReady,
+    ServerMetadata,
+    ServerReady,
+    responses,
+)
 from app_server.catalog import ModelCatalog
 from app_server.failover import Dispatcher, Prepared
 from app_server.http_metrics import label_model
+from app_server.schemas import PREDICTION_HEADERS
 from app_server.v2_tensors import (
     HEADER_LENGTH,
+    HEADER_SAFE,
     deadline_of,
     decode_input,
+    infer_body_schema,
     parse_request,
     read_v2_body,
     render_outputs,
@@ -38,6 +51,20 @@ from shared.errors import DeadlineExceeded, InvalidInput, ModelError
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v2", tags=["v2"])
+
+METADATA_RESPONSES = responses(ModelMetadata, (404, 500, 503), v2=True)
+CONFIG_RESPONSES = responses(ModelConfig, (404, 500, 503), v2=True)
+READY_RESPONSES = responses(ModelReady, (404, 500, 503), v2=True, ok_503=ModelReady)
+INFER_RESPONSES = responses(InferAnswer, (400, 404, 413, 500, 503, 504), v2=True, request_id=False, binary_ok=True)
+INFER_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": infer_body_schema(None, None, None)}},
+    },
+    "parameters": PREDICTION_HEADERS,
+}
+"""The generic body of both infer routes; each model's own tensor is documented per model by
+:mod:`app_server.openapi`, which also bounds the rows by the app server's ``--max-instances``."""
 
 
 def _body(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -58,12 +85,12 @@ def _model(request: Request, name: str) -> str:
 # -- health and metadata ----------------------------------------------------------------------------
 
 
-@router.get("/health/live")
+@router.get("/health/live", responses=responses(Live, (500,), v2=True))
 async def live() -> Response:
     return _body({"live": True})
 
 
-@router.get("/health/ready")
+@router.get("/health/ready", responses=responses(ServerReady, (500, 503), v2=True, ok_503=ServerReady))
 async def ready(request: Request) -> Response:
     """The readiness of ``/readyz``."""
     _, missing = _catalog(request).readiness()
@@ -72,7 +99,7 @@ async def ready(request: Request) -> Response:
     return _body({"ready": False}, 503, {"Retry-After": "1"})
 
 
-@router.get("")
+@router.get("", responses=responses(ServerMetadata, (500,), v2=True))
 async def server_metadata() -> Response:
     return _body({"name": "tandem", "version": "0.1.0", "extensions": ["binary_tensor_data"]})
 
@@ -92,12 +119,12 @@ async def _metadata(request: Request, name: str, version: str | None) -> Respons
     )
 
 
-@router.get("/models/{name}")
+@router.get("/models/{name}", responses=METADATA_RESPONSES)
 async def model_metadata(request: Request, name: str) -> Response:
     return await _metadata(request, name, None)
 
 
-@router.get("/models/{name}/versions/{version}")
+@router.get("/models/{name}/versions/{version}", responses=METADATA_RESPONSES)
 async def model_version_metadata(request: Request, name: str, version: str) -> Response:
     return await _metadata(request, name, version)
 
@@ -123,12 +150,12 @@ async def _config(request: Request, name: str, version: str | None) -> Response:
     )
 
 
-@router.get("/models/{name}/config")
+@router.get("/models/{name}/config", responses=CONFIG_RESPONSES)
 async def model_config(request: Request, name: str) -> Response:
     return await _config(request, name, None)
 
 
-@router.get("/models/{name}/versions/{version}/config")
+@router.get("/models/{name}/versions/{version}/config", responses=CONFIG_RESPONSES)
 async def model_version_config(request: Request, name: str, version: str) -> Response:
     return await _config(request, name, version)
 
@@ -140,12 +167,12 @@ def _ready(request: Request, name: str, version: str | None) -> Response:
     return _body({"name": model, "ready": False}, 503, {"Retry-After": "1"})
 
 
-@router.get("/models/{name}/ready")
+@router.get("/models/{name}/ready", responses=READY_RESPONSES)
 async def model_ready(request: Request, name: str) -> Response:
     return _ready(request, name, None)
 
 
-@router.get("/models/{name}/versions/{version}/ready")
+@router.get("/models/{name}/versions/{version}/ready", responses=READY_RESPONSES)
 async def model_version_ready(request: Request, name: str, version: str) -> Response:
     return _ready(request, name, version)
 
@@ -153,17 +180,24 @@ async def model_version_ready(request: Request, name: str, version: str) -> Resp
 # -- inference ------------------------------------------------------------------------------------
 
 
-@router.post("/models/{name}/infer")
+@router.post("/models/{name}/infer", openapi_extra=INFER_DOC, responses=INFER_RESPONSES)
 async def infer(request: Request, name: str) -> Response:
     """Run already-encoded rows through the version the chosen worker serves (JSON or binary tensors).
 
-    Headers: ``X-Request-ID`` (echoed; the body's ``id`` or a generated one if absent),
-    ``X-Timeout-Ms`` (deadline budget; ``parameters.timeout`` in microseconds takes precedence).
+    ``data`` holds ``shape[0] * shape[1]`` numbers, flat and row-major or as ``shape[0]`` rows (a rule
+    the schema can only bound). Besides the JSON body documented here: the binary-data extension, the
+    JSON header followed by the tensor's raw little-endian bytes, with ``Inference-Header-Content-Length:
+    <header length>`` and ``"parameters": {"binary_data_size": <bytes>}`` on the input instead of
+    ``data``; and ``Content-Encoding: gzip`` or ``deflate``. Outputs come back as raw bytes too
+    (``application/octet-stream``) when ``binary_data_output`` or an output's ``binary_data`` is true.
+
+    Headers: ``X-Request-ID`` (echoed; the body's ``id`` or a generated one if absent, when it can be a
+    header value), ``X-Timeout-Ms`` (deadline budget; ``parameters.timeout`` in microseconds wins).
     """
     return await _infer(request, name, None)
 
 
-@router.post("/models/{name}/versions/{version}/infer")
+@router.post("/models/{name}/versions/{version}/infer", openapi_extra=INFER_DOC, responses=INFER_RESPONSES)
 async def infer_version(request: Request, name: str, version: str) -> Response:
     """As ``/v2/models/{name}/infer``, on ``version`` only (a worker still holding it after a swap
     counts); 404 when no live worker holds it."""
@@ -180,9 +214,10 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         await read_v2_body(request, settings.max_body_bytes), request.headers.get(HEADER_LENGTH)
     )
     req_id = header.get("id")
-    if req_id is not None and not isinstance(req_id, str):
-        raise InvalidInput("id: expected a string")
-    request_id = request.state.request_id = request.state.request_id or req_id or uuid.uuid4().hex
+    # The body's id names the request when no header does, if it can be a header value: it is echoed
+    # in X-Request-ID, and a newline or a non-Latin-1 character there would break the answer.
+    header_id = req_id if req_id and HEADER_SAFE.fullmatch(req_id) else None
+    request_id = request.state.request_id = request.state.request_id or header_id or uuid.uuid4().hex
     deadline = deadline_of(request, header, settings.timeout_ms)
     # Checked against the signature of the version it will most likely run on, before any worker
     # is involved; re-checked below should a swap change the signature meanwhile.

@@ -1,4 +1,4 @@
-"""``tandem features``: bulk-load entity features into Redis and inspect one entity (DESIGN §6).
+"""``tandem features``: bulk-load entity features into Redis and inspect one entity (see docs/features.md).
 
 Rows become hashes ``tandem:{entity}:{id}``, one field per column, values as text: exactly what the
 app server reads. Writes go in pipelined batches (one round trip per ``--batch-size`` rows), because

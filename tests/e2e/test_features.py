@@ -7,10 +7,12 @@ import json
 import re
 import statistics
 import subprocess
+import sys
 import time
 import uuid
 
 import httpx
+import jsonschema
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -166,17 +168,31 @@ def test_redis_dies_entity_requests_get_503_inline_ones_200_then_it_recovers(ser
 
 
 def test_openapi_and_docs_show_the_models_fields(served):
+    """With a feature store, a feature without default is required unless entity_id is given: the
+    document says so in words and in the schema (anyOf), and the app server agrees on both sides."""
     a, *_ = served
     doc = httpx.get(f"{a.url}/openapi.json").json()
-    instance = doc["components"]["schemas"]["PredictInstance"]
+    instance = doc["components"]["schemas"]["Instance.demo"]
     assert set(FEATURES) | {"entity_id"} <= set(instance["properties"])
-    assert instance["additionalProperties"] is False
-    assert {"type": "number"} in instance["properties"]["amount"]["anyOf"]
-    assert "required unless stored" in instance["properties"]["amount"]["description"]
+    assert instance["additionalProperties"] is False and "required" not in instance
+    assert {"type": "number", "minimum": -sys.float_info.max, "maximum": sys.float_info.max} in instance["properties"][
+        "amount"
+    ]["anyOf"]
+    assert "required unless entity_id is given" in instance["properties"]["amount"]["description"]
     assert "grocery" in instance["properties"]["merchant_category"]["description"]
     body = doc["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
-    assert body["schema"]["properties"]["instances"]["items"] == {"$ref": "#/components/schemas/PredictInstance"}
+    assert body["schema"]["properties"]["instances"]["items"] == {"$ref": "#/components/schemas/Instance.demo"}
+    assert body == doc["paths"]["/v1/models/demo/predict"]["post"]["requestBody"]["content"]["application/json"]
     assert predict(a, body["example"]["instances"]).status_code == 200
+    check = jsonschema.Draft202012Validator(instance)
+    for inst, valid in (({"entity_id": "nobody-stored"}, True), ({"amount": 1.0, "merchant_category": "x"}, True),
+                        ({}, False), ({"entity_id": None, "amount": 1.0}, False)):  # fmt: skip
+        assert check.is_valid(inst) is valid, inst
+        r = predict(a, [inst])
+        # An unknown entity is data the schema cannot know: its gap is a 422 that names the entity.
+        assert (r.status_code == 200) is (valid and "amount" in inst), r.text
+        if r.status_code != 200:
+            assert r.status_code == 422 and ("nobody-stored" in r.text) is valid, r.text
     docs = httpx.get(f"{a.url}/docs")
     assert docs.status_code == 200 and "/openapi.json" in docs.text
 

@@ -138,9 +138,13 @@ def test_metrics_expose_tandem_series_on_both_tiers(running):
 def test_request_deadline_header_is_validated(running):
     a, _ = running
     body = {"instances": [{"amount": 3.0, "merchant_category": "fuel"}]}
-    r = httpx.post(f"{a.url}/predict", json=body, headers={"X-Timeout-Ms": "soon"})
-    assert r.status_code == 422 and "X-Timeout-Ms" in r.json()["error"]["message"]
-    assert httpx.post(f"{a.url}/predict", json=body, headers={"X-Timeout-Ms": "250"}).status_code == 200
+    # A decimal number of milliseconds in (0, 60000], as the OpenAPI document declares: not whatever
+    # Python's float() takes ("nan", "1_000").
+    for bad in ("soon", "nan", "inf", "1_000", "0x10", "0", "60001", "-5"):
+        r = httpx.post(f"{a.url}/predict", json=body, headers={"X-Timeout-Ms": bad})
+        assert r.status_code == 422 and "X-Timeout-Ms" in r.json()["error"]["message"], bad
+    for good in ("250", "2.5e2", "60000", ".5e3"):
+        assert httpx.post(f"{a.url}/predict", json=body, headers={"X-Timeout-Ms": good}).status_code == 200, good
 
 
 def test_batch_answers_keep_their_order(running, demo_registry, tmp_path):

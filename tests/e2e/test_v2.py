@@ -3,6 +3,7 @@ stack (uvicorn app server -> ZeroMQ -> worker -> ONNX model from MLflow), compar
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import httpx
@@ -122,6 +123,15 @@ def test_raw_json_flat_and_nested_data_and_request_id(served, spec):
         (out,) = r.json()["outputs"]
         assert out == {"name": "probability", "datatype": "FP32", "shape": [3, 1], "data": expected.tolist()}
         assert r.json()["model_version"] == version and r.json()["id"] == "trace-1"
+    # The body's id names the request when no header does, as long as it can be a header value; one that
+    # cannot (a newline, a non-Latin-1 character) is still echoed in the body, never in X-Request-ID.
+    body = {"inputs": [{"name": "input", "shape": shape, "datatype": "FP32", "data": x.ravel().tolist()}]}
+    for body_id, header in (("req-9", "req-9"), ("a\nb", None), ("\u2603", None), (" x", None)):
+        r = httpx.post(f"{a.url}/v2/models/demo/infer", json=body | {"id": body_id})
+        assert r.status_code == 200 and r.json()["id"] == body_id, r.text
+        assert (
+            r.headers["x-request-id"] == header if header else re.fullmatch("[0-9a-f]{32}", r.headers["x-request-id"])
+        )
 
 
 def _bad_bodies(width: int) -> list[tuple[dict, str]]:
@@ -145,6 +155,16 @@ def _bad_bodies(width: int) -> list[tuple[dict, str]]:
         (body() | {"parameters": {"timeout": -5}}, "parameters.timeout"),
         (body() | {"parameters": [1]}, "parameters: expected an object"),
         (body() | {"outputs": [{"name": "probability", "parameters": [1]}]}, "outputs[0].parameters: expected"),
+        # What the OpenAPI document declares, held to: present means of the declared type, null included.
+        (body() | {"parameters": None}, "parameters: expected an object"),
+        (body() | {"parameters": {"timeout": None}}, "parameters.timeout"),
+        (body() | {"parameters": {"binary_data_output": "yes"}}, "parameters.binary_data_output: expected a boolean"),
+        (body() | {"outputs": None}, "outputs: expected a list"),
+        (body() | {"outputs": [{"name": "probability", "parameters": {"binary_data": 1}}]}, "binary_data: expected"),
+        (body() | {"id": None}, "id: expected a string"),
+        (body(data=[True] + [0.0] * (width - 1)), "only numbers"),  # numpy would read true as 1.0
+        (body(data=[[[0.0] * width]]), "nested as [1, 1, "),
+        (body(shape=[1.5, width]), f"expected [n, {width}]"),
     ]
 
 

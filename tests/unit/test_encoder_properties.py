@@ -89,7 +89,7 @@ def admitted_instances(draw: st.DrawFn, spec: FeatureSpec) -> list[dict[str, Any
             if f.name not in row and draw(st.booleans()):
                 row[f.name] = None
         if spec.entity and draw(st.booleans()):
-            row[ENTITY_KEY] = draw(st.text(max_size=8) | st.integers())
+            row[ENTITY_KEY] = draw(st.text(max_size=8) | st.integers(-(2**63), 2**64 - 1))  # the schema's range
         rows.append(row)
     return rows
 
