@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ml_worker.residency import Residency
+from ml_worker.runners import warm_runtime
 from ml_worker.slots import ModelSlot
 from ml_worker.versions import LoadedVersion, files_bytes, load_version
 from shared import registry
@@ -35,6 +36,7 @@ class Loader:
         self.residency = residency or Residency(0)
         self._slots = slots
         self._lock = asyncio.Lock()
+        self._runtime_warm = False
 
     async def load(self, slot: ModelSlot, ref: registry.VersionRef) -> LoadedVersion:
         """Download (cached) and load a registry version for ``slot``; raises what the load raised."""
@@ -54,6 +56,13 @@ class Loader:
 
     async def _load(self, slot: ModelSlot, version: str, folder: Path, known_size: int = 0) -> LoadedVersion:
         async with self._lock:
+            if not self._runtime_warm:
+                s = self.settings
+                try:
+                    await asyncio.to_thread(warm_runtime, s.device, s.intra_op_threads)
+                except Exception:  # a runtime that cannot run this cannot run the model either: it says why
+                    logger.warning("warming ONNX Runtime up failed", exc_info=True)
+                self._runtime_warm = True
             last = slot.live.size_bytes if slot.live is not None else 0
             need = max(known_size, last, await asyncio.to_thread(files_bytes, folder))
             self.residency.make_room(self._slots(), need, keep=slot)

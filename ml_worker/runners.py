@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Protocol
@@ -51,6 +52,27 @@ def default_intra_op_threads(device: str) -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(1, cores - 1)
+
+
+def warm_runtime(device: str = "auto", intra_op_threads: int = 0) -> None:
+    """Create and run one tiny ONNX Runtime session, so the runtime's one-time set-up (about 10-30 MB:
+    allocators, thread pools, kernel registries) is paid before any version's memory is measured: it
+    would otherwise be charged to whichever model loads first."""
+    import onnx.helper as h
+
+    eye = h.make_tensor("w", 1, [4, 4], np.eye(4, dtype=np.float32).ravel().tolist())
+    graph = h.make_graph(
+        [h.make_node("MatMul", ["input", "w"], ["output"])],
+        "warm",
+        [h.make_tensor_value_info("input", 1, [None, 4])],
+        [h.make_tensor_value_info("output", 1, [None, 4])],
+        [eye],
+    )
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "warm.onnx"
+        path.write_bytes(model.SerializeToString())
+        OnnxRunner(path, device=device, intra_op_threads=intra_op_threads).run(np.ones((2, 4), np.float32))
 
 
 class OnnxRunner:
