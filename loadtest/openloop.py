@@ -225,43 +225,85 @@ async def run_async(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Run one open-loop load of ``rate`` req/s for ``duration`` s (plus ``warmup_s`` not counted)."""
-    offsets = schedule(rate, duration + warmup_s, poisson=poisson, seed=seed)
-    gen = _Generator(url, body, timeout_ms / 1000.0, max_connections, headers or {})
+    (result,) = await run_many_async(
+        [(url, body, rate, headers or {})],
+        duration,
+        poisson=poisson,
+        timeout_ms=timeout_ms,
+        warmup_s=warmup_s,
+        max_connections=max_connections,
+        seed=seed,
+    )
+    return result
+
+
+async def run_many_async(
+    targets: list[tuple[Any, ...]],
+    duration: float,
+    *,
+    poisson: bool = False,
+    timeout_ms: float = 1000.0,
+    warmup_s: float = 0.0,
+    max_connections: int = 256,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Several loads at once, one per ``(url, body, rate[, headers])``: each its own schedule (seeded
+    apart), connections and summary, all paced by one thread on one event loop, so fifty targets cost
+    the generator what one does."""
+    gens, times, owners = [], [], []
+    for i, target in enumerate(targets):
+        url, body, rate = target[:3]
+        offsets = schedule(rate, duration + warmup_s, poisson=poisson, seed=seed + i)
+        gens.append(_Generator(url, body, timeout_ms / 1000.0, max_connections, target[3] if len(target) > 3 else {}))
+        times.append(offsets)
+        owners.append(np.full(len(offsets), i, dtype=np.int32))
+    order = np.argsort(np.concatenate(times), kind="stable")
+    owner = np.concatenate(owners)[order]
     cpu0 = time.process_time()
     start = time.monotonic() + 0.02
-    gen.measure_from = start + warmup_s
-    times = start + offsets
+    for gen in gens:
+        gen.measure_from = start + warmup_s
+    due = start + np.concatenate(times)[order]
     paced = asyncio.get_running_loop().create_future()
 
     def fire(i: int, j: int) -> None:
         for k in range(i, j):
-            gen.dispatch(float(times[k]))
-        if j >= len(times) and not paced.done():
+            gens[owner[k]].dispatch(float(due[k]))
+        if j >= len(due) and not paced.done():
             paced.set_result(None)
 
     stop = threading.Event()
-    pacer = threading.Thread(target=_pace, args=(times, fire, gen.loop, stop), name="openloop-pacer", daemon=True)
+    loop = asyncio.get_running_loop()
+    pacer = threading.Thread(target=_pace, args=(due, fire, loop, stop), name="openloop-pacer", daemon=True)
     pacer.start()
     try:
         while not paced.done():
-            gen.sweep()
+            for gen in gens:
+                gen.sweep()
             await asyncio.wait([paced], timeout=SWEEP_S)
-        give_up = time.monotonic() + gen.timeout_s + 0.5
-        while (gen.outstanding or gen.opening) and time.monotonic() < give_up:
-            gen.sweep()
+        give_up = time.monotonic() + timeout_ms / 1000.0 + 0.5
+        while any(g.outstanding or g.opening for g in gens) and time.monotonic() < give_up:
+            for gen in gens:
+                gen.sweep()
             await asyncio.sleep(SWEEP_S)
-        for scheduled in [c.busy_since for c in gen.busy if c.busy_since is not None] + list(gen.backlog):
-            gen.record(scheduled, "timeout")
+        for gen in gens:
+            for scheduled in [c.busy_since for c in gen.busy if c.busy_since is not None] + list(gen.backlog):
+                gen.record(scheduled, "timeout")
     finally:
         stop.set()
-        gen.close()
+        for gen in gens:
+            gen.close()
         pacer.join(1.0)
     wall = time.monotonic() - start
-    span = max(duration, gen.last_done - gen.measure_from)
-    result = summarize(rate, gen.latencies_ms, gen.outcomes, gen.versions, span)
-    result["duration_s"] = duration
-    result["client_cpu_pct"] = round(100.0 * (time.process_time() - cpu0) / wall, 1) if wall > 0 else None
-    return result
+    cpu_pct = round(100.0 * (time.process_time() - cpu0) / wall, 1) if wall > 0 else None
+    results = []
+    for target, gen in zip(targets, gens, strict=True):
+        span = max(duration, gen.last_done - gen.measure_from)
+        result = summarize(target[2], gen.latencies_ms, gen.outcomes, gen.versions, span)
+        result["duration_s"] = duration
+        result["client_cpu_pct"] = cpu_pct  # the whole generator's, shared by its targets
+        results.append(result)
+    return results
 
 
 def run(url: str, body: bytes, rate: float, duration: float, **kw: Any) -> dict[str, Any]:
@@ -280,20 +322,9 @@ def _loop_factory() -> Any:
 
 
 def run_many(targets: list[tuple[Any, ...]], duration: float, **kw: Any) -> list[dict[str, Any]]:
-    """Several open-loop loads at once, one per ``(url, body, rate)`` or ``(url, body, rate, headers)``
-    (e.g. one per model), each with its own schedule (seeded apart), connections and summary, on one
-    event loop: a mixed load."""
-    seed = kw.pop("seed", 0)
-
-    async def all_of() -> list[dict[str, Any]]:
-        runs = [
-            run_async(t[0], t[1], t[2], duration, seed=seed + i, **({"headers": t[3]} if len(t) > 3 else {}), **kw)
-            for i, t in enumerate(targets)
-        ]
-        return list(await asyncio.gather(*runs))
-
+    """Blocking :func:`run_many_async`: a mixed load (e.g. one stream per model)."""
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(all_of())
+        return runner.run(run_many_async(targets, duration, **kw))
 
 
 def is_loopback(host: str) -> bool:

@@ -122,6 +122,9 @@ class AdaptiveBatcher:
         self._live: set[int] = set()  # id() of queued items; heap and deques drop dead ones lazily
         self._heap: list[tuple[float, int, Pending]] = []  # (deadline, seq, item): expiry order
         self._seq = itertools.count()
+        self._backlog: float | None = None
+        """:meth:`backlog_s`, kept until the queue or a cost model changes: every other model's admission
+        asks for it, and with many models recomputing it each time was most of the loop's work."""
 
     # -- cost model ----------------------------------------------------------------------------------
 
@@ -142,9 +145,11 @@ class AdaptiveBatcher:
         model = self._costs.get(version)
         if model is not None and model.seeded:
             return
+        self._backlog = None
         self.cost(version).seed(timings)
 
     def observe(self, version: str, rows: int, seconds: float) -> None:
+        self._backlog = None
         self.cost(version).observe(rows, seconds)
         self._last_version = version
         self._share.finished()  # a batch finished: drop the earliest predicted end
@@ -164,7 +169,9 @@ class AdaptiveBatcher:
 
     def backlog_s(self) -> float:
         """Predicted seconds of execution queued here, each version's rows at that version's cost."""
-        return sum(self._drain_s(rows, self.cost(v)) for v, rows in self._vrows.items())
+        if self._backlog is None:
+            self._backlog = sum(self._drain_s(rows, self.cost(v)) for v, rows in self._vrows.items())
+        return self._backlog
 
     def utilization(self, now: float) -> float:
         """Share of the executor this model's arrivals need at full batches (a lower bound of its use)."""
@@ -201,6 +208,7 @@ class AdaptiveBatcher:
         self._queues[v].append(item)
         self._vrows[v] += item.rows
         self._rows += item.rows
+        self._backlog = None
         self._live.add(id(item))
         heapq.heappush(self._heap, (item.deadline, next(self._seq), item))
         if len(self._heap) > 4 * len(self._live) + 64:
@@ -398,6 +406,7 @@ class AdaptiveBatcher:
         self._live.discard(id(p))
         self._probes.discard(id(p))
         self._rows -= p.rows
+        self._backlog = None
         self._vrows[p.version] -= p.rows
         if not self._vrows[p.version]:
             del self._vrows[p.version]

@@ -115,8 +115,11 @@ class Scheduler:
                 self._answer_expired(slot, poll.expired)
                 if poll.wait_s is not None:
                     waits.append(poll.wait_s)
-            for slot in self.slots.values():
-                slot.metrics.queue_depth.set(slot.batcher.depth)
+            for slot in self.slots.values():  # a gauge set takes a lock: only where the depth changed
+                depth = slot.batcher.depth
+                if depth != slot.reported_depth:
+                    slot.reported_depth = depth
+                    slot.metrics.queue_depth.set(depth)
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None

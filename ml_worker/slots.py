@@ -62,6 +62,8 @@ class ModelSlot:
         """When a request last arrived for it: the residency budget unloads the least recent first."""
         self.running = 0
         """Batches of this model on the executor."""
+        self.reported_depth = 0
+        """The queue depth last written to its gauge."""
         self.waiting: list[Pending] = []
         """Requests parked while the live version loads again."""
         self.loading = False
