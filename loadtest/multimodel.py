@@ -3,9 +3,12 @@
 For each count N (e.g. 1, 2, 10, 50): N small models (the fraud demo's shape, each an untrained network
 of its own seed: accuracy is not what is measured) on one worker and one app server, every model
 offered an equal share of the load, each as its own Poisson stream. The held rate is the highest total
-with every model's p99 within the SLO and no error anywhere (the bench's search). Reported beside it:
-the p99 of each model at that rate (worst, median, best), and the worker's resident memory with the
-sum of what its loaded versions measured. N = 1 is the single-model reference the others compare to.
+with the p99 of all requests together within the SLO and no error anywhere (the bench's search, a
+failed step measured once more before it counts: single stalls of this VM otherwise decide the
+figure). Reported beside it: the p99 of each model at that rate (worst, median, best; with 50 models
+each has only a few dozen samples per step, so its "p99" is close to its maximum), and the worker's
+resident memory with the sum of what its loaded versions measured. N = 1 is the single-model
+reference the others compare to.
 """
 
 from __future__ import annotations
@@ -81,8 +84,11 @@ def measure(n: int, home: Path, ctx: dict[str, Any], slo_p99_ms: float) -> dict[
 
         def step(rate: float) -> dict[str, Any]:
             targets = [(u, b, rate / n) for u, b in zip(urls, bodies, strict=True)]
-            runs = openloop.run_many(targets, ctx["step_s"], poisson=True, warmup_s=ctx["warmup_s"])
+            runs = openloop.run_many(
+                targets, ctx["step_s"], poisson=True, warmup_s=ctx["warmup_s"], keep_latencies=True
+            )
             p99s = sorted(r["p99_ms"] for r in runs if r["p99_ms"] is not None)
+            pooled = sorted(ms for r in runs for ms in r.pop("latencies_ms"))
             errors: dict[str, int] = {}
             for r in runs:
                 for k, v in r["errors"].items():
@@ -91,16 +97,18 @@ def measure(n: int, home: Path, ctx: dict[str, Any], slo_p99_ms: float) -> dict[
                 "rate": rate,
                 "ok": sum(r["ok"] for r in runs),
                 "errors": errors,
-                "p99_ms": p99s[-1] if len(p99s) == n else None,  # the worst model's: every one must hold
+                "p99_ms": openloop.percentile(pooled, 99),
                 "p99_ms_by_model": {"worst": p99s[-1], "median": p99s[len(p99s) // 2], "best": p99s[0]}
                 if p99s
                 else None,
             }
-            print(f"  models={n:<3} {rate:>7.0f}/s  worst p99 {summary['p99_ms']} ms  errors {errors}", file=sys.stderr)
+            worst = p99s[-1] if p99s else None
+            print(f"  models={n:<3} {rate:>7.0f}/s  p99 {summary['p99_ms']} ms (worst model {worst})  errors {errors}",
+                  file=sys.stderr)  # fmt: skip
             server.settle()
             return summary
 
-        best, steps = find_max_rate(step, ctx.get("start_rate", 400.0), slo_p99_ms, max_steps=ctx["max_steps"])
+        best, steps = find_max_rate(step, 400.0, slo_p99_ms, max_steps=ctx["max_steps"] + 3, retries=1)
         memory = worker_memory_mb(server)
     finally:
         server.stop()
@@ -108,6 +116,7 @@ def measure(n: int, home: Path, ctx: dict[str, Any], slo_p99_ms: float) -> dict[
     return {
         "models": n,
         "max_rate": best.rate if best else 0.0,
+        "p99_ms": b.get("p99_ms"),
         "p99_ms_by_model": b.get("p99_ms_by_model"),
         **memory,
         "steps": [[s.rate, s.summary["p99_ms"], s.summary["errors"]] for s in steps],

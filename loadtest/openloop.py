@@ -246,10 +246,12 @@ async def run_many_async(
     warmup_s: float = 0.0,
     max_connections: int = 256,
     seed: int = 0,
+    keep_latencies: bool = False,
 ) -> list[dict[str, Any]]:
     """Several loads at once, one per ``(url, body, rate[, headers])``: each its own schedule (seeded
     apart), connections and summary, all paced by one thread on one event loop, so fifty targets cost
-    the generator what one does."""
+    the generator what one does. ``keep_latencies`` adds each target's ``latencies_ms`` (successful
+    answers), for percentiles over all of them together."""
     gens, times, owners = [], [], []
     for i, target in enumerate(targets):
         url, body, rate = target[:3]
@@ -302,6 +304,8 @@ async def run_many_async(
         result = summarize(target[2], gen.latencies_ms, gen.outcomes, gen.versions, span)
         result["duration_s"] = duration
         result["client_cpu_pct"] = cpu_pct  # the whole generator's, shared by its targets
+        if keep_latencies:
+            result["latencies_ms"] = gen.latencies_ms
         results.append(result)
     return results
 

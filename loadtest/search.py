@@ -35,16 +35,27 @@ def find_max_rate(
     grow: float = 2.0,
     resolution: float = 0.08,
     min_rate: float = 1.0,
+    retries: int = 0,
 ) -> tuple[Step | None, list[Step]]:
-    """``(best passing step or None, every step in order)``; at most ``max_steps`` measurements."""
+    """``(best passing step or None, every step in order)``; at most ``max_steps`` measurements.
+
+    ``retries``: a failed step is measured again up to this many times, and passes if a repeat does (a
+    clean run shows the rate can be held; a repeat only keeps one stall of the machine from capping
+    the search below what it holds). Repeats count against ``max_steps``.
+    """
     steps: list[Step] = []
     lo: float | None = None
     hi: float | None = None
     rate = max(start, min_rate)
-    for _ in range(max_steps):
-        summary = measure(rate)
-        ok = passes(summary, slo_p99_ms)
-        steps.append(Step(rate, summary, ok))
+    budget = max_steps
+    while budget > 0:
+        for _ in range(retries + 1):
+            budget -= 1
+            summary = measure(rate)
+            ok = passes(summary, slo_p99_ms)
+            steps.append(Step(rate, summary, ok))
+            if ok or budget <= 0:
+                break
         if ok:
             lo = rate
         else:

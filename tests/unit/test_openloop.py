@@ -187,3 +187,21 @@ def test_rate_search_grows_then_bisects_to_the_capacity():
     assert seen[:4] == [100, 200, 400, 800]
     assert best is not None and 0.92 * capacity <= best.rate <= capacity
     assert len(steps) <= 12
+
+
+def test_a_failed_step_is_repeated_when_asked_and_one_stall_does_not_cap_the_search():
+    capacity = 730.0
+    stalls = {200.0}  # the machine stalls once, during the first step at 200/s
+
+    def measure(rate: float) -> dict:
+        ok = rate <= capacity and rate not in stalls
+        stalls.discard(rate)
+        return {"ok": 10, "errors": {} if ok else {"timeout": 1}, "p99_ms": 10.0 if ok else 900.0}
+
+    stalls = {200.0}
+    without, _ = find_max_rate(measure, 100, 50.0, max_steps=12)
+    assert without is not None and without.rate < 200  # one stall capped the search below 200
+    stalls = {200.0}
+    best, steps = find_max_rate(measure, 100, 50.0, max_steps=12, retries=1)
+    assert best is not None and 0.92 * capacity <= best.rate <= capacity
+    assert [s.rate for s in steps][:3] == [100, 200, 200] and len(steps) <= 12
