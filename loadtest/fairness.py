@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtest import openloop, servers
+from loadtest import openloop, report, servers
 from shared import registry
 from shared.features import load_spec
 from shared.settings import home_registry_uri
@@ -104,10 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = bench_context(quick=True)
     measured = run(args.home, args.flood_factor, args.light_rate, args.seconds, ctx["logs"], ctx["server_cpus"])
     result = {"machine": ctx["machine"], **measured}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    report.emit(result, args.json)
     return 0
 
 

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from loadtest import openloop, servers
+from loadtest import openloop, report, servers
 from loadtest.search import find_max_rate
 from shared import registry
 from shared.settings import home_registry_uri
@@ -135,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ctx = bench_context(quick=True)
     results = [measure(int(c), args.home, ctx, args.slo_p99_ms) for c in args.counts.split(",") if c]
-    text = json.dumps({"machine": ctx["machine"], "slo_p99_ms": args.slo_p99_ms, "multi_model": results}, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    report.emit({"machine": ctx["machine"], "slo_p99_ms": args.slo_p99_ms, "multi_model": results}, args.json)
     return 0
 
 

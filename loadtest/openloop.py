@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
-import json
 import math
 import socket
 import sys
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from loadtest import report
 from loadtest.httpclient import Connection, build_request
 
 MAX_REQUESTS = 2_000_000
@@ -371,10 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         headers={k.strip(): v.strip() for k, v in headers.items()},
         seed=args.seed,
     )
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    report.emit(result, args.json)
     return 0
 
 

@@ -6,8 +6,17 @@ re-run replaces its own figures and leaves the hand-written explanation (and oth
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
+
+
+def emit(result: dict[str, Any], path: Path | None) -> None:
+    """Every loadtest command's ending: the JSON summary on stdout, and in ``path`` when one is given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path:
+        path.write_text(text + "\n")
 
 
 def ratios(results: list[dict[str, Any]]) -> dict[str, float | None]:

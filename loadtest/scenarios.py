@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from loadtest import openloop
+from loadtest import openloop, report
 from loadtest.servers import free_port, http_get
 
 BUDGET_MS = 500
@@ -264,10 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         result = failover(args.rate or 150.0)
     else:
         result = overload()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    report.emit(result, args.json)
     return 0
 
 

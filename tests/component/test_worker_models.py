@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-import zmq
-import zmq.asyncio
+from worker_harness import ask, running
 
 from ml_worker.server import WorkerServer
 from shared import protocol, registry
@@ -26,24 +25,8 @@ async def serving(registry_uri: str, tmp_path: Path, **overrides):
     settings = WorkerSettings(
         bind="tcp://127.0.0.1:*", registry_uri=registry_uri, cache_dir=tmp_path / "cache", **overrides
     )
-    server = WorkerServer(settings)
-    task = asyncio.create_task(server.serve())
-    ctx = zmq.asyncio.Context()
-    client = ctx.socket(zmq.DEALER)
-    client.connect(server.endpoint)
-    try:
-        yield server, client
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        client.close(0)
-        ctx.term()
-
-
-async def ask(client, frames, timeout=10.0) -> protocol.Message:
-    await client.send_multipart(frames)
-    return protocol.parse_reply(await asyncio.wait_for(client.recv_multipart(), timeout))
+    async with running(WorkerServer(settings), watch=True) as served:
+        yield served
 
 
 async def heartbeat(client) -> dict:

@@ -10,8 +10,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
-import zmq
-import zmq.asyncio
+from worker_harness import ask, running
 
 from ml_worker import versions
 from ml_worker.batcher import Poll, SimpleBatcher
@@ -34,24 +33,8 @@ async def serving(model_dir: Path, registry_uri: str, batcher=None, **overrides)
     settings = WorkerSettings(bind="tcp://127.0.0.1:*", registry_uri=registry_uri, **overrides)
     slot = ModelSlot(ModelTarget("demo"), batcher or make_batcher(settings, "demo"))
     slot.swap(load_version("demo", "1", model_dir), time.monotonic())
-    server = WorkerServer(settings, slots=[slot])
-    task = asyncio.create_task(server.serve(watch=False))
-    ctx = zmq.asyncio.Context()
-    client = ctx.socket(zmq.DEALER)
-    client.connect(server.endpoint)
-    try:
-        yield server, client
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        client.close(0)
-        ctx.term()
-
-
-async def ask(client, frames, timeout=5.0) -> protocol.Message:
-    await client.send_multipart(frames)
-    return protocol.parse_reply(await asyncio.wait_for(client.recv_multipart(), timeout))
+    async with running(WorkerServer(settings, slots=[slot]), watch=False) as served:
+        yield served
 
 
 def example_rows(model_dir: Path) -> tuple[np.ndarray, list[float]]:
