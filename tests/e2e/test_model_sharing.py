@@ -106,22 +106,40 @@ def test_a_flood_on_a_heavy_model_leaves_a_light_model_on_the_same_worker_fast(s
     heavy_url, light_url = f"{a.url}/v2/models/big1/infer", f"{a.url}/v1/models/churn/predict"
     warm = openloop.run(heavy_url, heavy, 20, 1.0, timeout_ms=2000)  # also teaches the cost model
     assert warm["errors"] == {}, warm
-    text = w.metrics()
-    per_batch_s = _sample(text, 'tandem_inference_duration_seconds_sum{model="big1"}') / _sample(
-        text, 'tandem_inference_duration_seconds_count{model="big1"}'
-    )
-    capacity = 1.0 / per_batch_s  # requests/s of 64 rows each: one full batch per request
+    before = _heavy_batches(w)
+    capacity = before[1] / before[0]  # requests/s of 64 rows each: one full batch per request
+    alone = openloop.run(light_url, light.encode(), 100.0, 2.0, poisson=True)
     heavy_load, light_load = openloop.run_many(
         [(heavy_url, heavy, 2.5 * capacity), (light_url, light.encode(), 100.0)], 5.0, poisson=True, timeout_ms=1000
     )
-    assert light_load["errors"] == {}, (light_load, capacity)
-    assert light_load["p99_ms"] < 50, (light_load, heavy_load, per_batch_s)
+    after = _heavy_batches(w)
+    per_batch_s = (after[0] - before[0]) / (after[1] - before[1])  # what a heavy batch took during the flood
+    why = (light_load, alone, heavy_load, per_batch_s)
+    assert light_load["errors"] == {}, why
+    # Fair sharing's bound: a light request waits for at most about the one heavy batch running when it
+    # arrives, so its p99 is its own (alone) plus about one heavy batch. On this machine in its normal
+    # state that is well under 50 ms (heavy batches of 20-27 ms; docs/benchmarks.md); the VM's slow spells
+    # slow the light path alone 2-4x, so the bound is checked as such, and 50 ms wherever the heavy batch
+    # and the light path leave room for it. One queue for both would put it behind the whole heavy backlog
+    # (hundreds of ms).
+    assert light_load["p99_ms"] <= alone["p99_ms"] + 1.3 * per_batch_s * 1000 + 10, why
+    if alone["p99_ms"] + per_batch_s * 1000 < 30:
+        assert light_load["p99_ms"] < 50, why
     assert set(heavy_load["errors"]) <= {"503", "504"}, heavy_load  # the flood is shed, never a timeout
     assert heavy_load["ok"] >= 0.5 * capacity * 5.0, (heavy_load, capacity)  # and the heavy model still works
 
 
-def _sample(text: str, series: str) -> float:
-    return float(next(line for line in text.splitlines() if line.startswith(series + " ")).rpartition(" ")[2])
+def _heavy_batches(w) -> tuple[float, float]:
+    """Seconds executed and batches run of model big1 so far, from the worker's metrics."""
+    text = w.metrics()
+
+    def sample(series: str) -> float:
+        return float(next(line for line in text.splitlines() if line.startswith(series + " ")).rpartition(" ")[2])
+
+    return (
+        sample('tandem_inference_duration_seconds_sum{model="big1"}'),
+        sample('tandem_inference_duration_seconds_count{model="big1"}'),
+    )
 
 
 def test_every_model_with_the_alias_comes_and_goes_with_the_registry(stack, models_registry, tmp_path):
