@@ -25,7 +25,7 @@ from ml_worker.registry_watch import Discovery, ModelWatch
 from ml_worker.sharing import ExecutorShare, FairShare
 from ml_worker.slots import ModelSlot
 from ml_worker.versions import release_memory
-from shared.model_targets import ModelTarget
+from shared.model_targets import NAME_RE, ModelTarget
 from shared.protocol import Status
 from shared.settings import WorkerSettings
 
@@ -78,6 +78,7 @@ class ModelSet:
         self._watching = False
         self._watches: dict[str, asyncio.Task[None]] = {}
         self._loads: set[asyncio.Task[None]] = set()
+        self._skipped: set[str] = set()
 
     def __iter__(self) -> Iterator[ModelSlot]:
         return iter(self.slots.values())
@@ -123,8 +124,14 @@ class ModelSet:
         self._watches[slot.name] = asyncio.create_task(watch.run())
 
     def sync_every(self, names: set[str]) -> None:
-        """``*``: serve the models that have the alias now; those that lost it leave once idle."""
+        """``*``: serve the models that have the alias now; those that lost it leave once idle. A name
+        Tandem cannot serve (it would be a URL path and a metric label: see ``model_targets.NAME_RE``)
+        is skipped with a warning, once."""
         alias = self._every_alias
+        for name in sorted(n for n in names if not NAME_RE.fullmatch(n) and n not in self._skipped):
+            logger.warning("model %r has @%s but is not served: a name is letters, digits, '.', '_', '-'", name, alias)
+            self._skipped.add(name)
+        names = {n for n in names if NAME_RE.fullmatch(n)}
         for name in names - self._explicit:
             slot = self.slots.get(name)
             if slot is None:

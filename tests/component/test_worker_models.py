@@ -111,6 +111,9 @@ async def test_every_model_with_the_alias_is_served_and_one_that_loses_it_leaves
         await until(lambda: live("second"), what="second served without a restart")
         assert time.monotonic() - t0 < 2 * 0.2 * 1.2 + 3.0  # two polls, plus the load itself
         assert (await ask(client, infer("s", "second", x))).header["status"] == "ok"
+        registry.register(uri, "not a url name", folder)  # MLflow takes it; Tandem cannot route it
+        await asyncio.sleep(0.6)  # a few polls
+        assert set((await heartbeat(client))["models"]) == {"first", "second"}
         registry.client(uri).delete_registered_model_alias("first", "production")
 
         async def gone() -> bool:
