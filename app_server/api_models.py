@@ -88,6 +88,10 @@ class ModelEntry(_Doc):
     name: str
     version: str | None = Field(description="Newest live version; null while no live worker serves the model.")
     feature_spec: FeatureSpec | None
+    signature: list[dict[str, Any]] | None = Field(
+        None, description="For a model served from its MLflow signature (no feature spec): its columns."
+    )
+    flavour: str | None = Field(None, description="The MLflow flavour it runs through (signature models).")
     input_example: list[dict[str, Any]] = Field(description="Instances a caller can send as they are.")
     inputs: list[TensorMeta] | None
     outputs: list[TensorMeta] | None

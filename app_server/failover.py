@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +47,8 @@ class Prepared:
     """A request's tensor, made for one version of the model."""
 
     version: str
-    x: np.ndarray
+    x: Any
+    """A float32 matrix, or a ``pyarrow.RecordBatch`` for a version described by its signature."""
     input_name: str
     output_name: str
     cache_keys: list[str] | None = None
@@ -56,7 +58,7 @@ class Prepared:
     """Indices of the rows the worker must compute (all of them when ``None``)."""
 
     @property
-    def to_send(self) -> np.ndarray:
+    def to_send(self) -> Any:
         return self.x if self.todo is None else self.x[self.todo]
 
 

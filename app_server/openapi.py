@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request, Response
 
 from app_server.catalog import ModelCatalog
 from app_server.http_io import json_response
-from app_server.schemas import instance_schema, predict_body_schema
+from app_server.schemas import describe_instance, predict_body_schema
 from app_server.v2_tensors import infer_body_schema
 from shared.errors import TandemError
 from shared.features import FeatureSpec
@@ -120,25 +120,21 @@ def with_models(
     used: set[str] = set()
     for model in sorted(described):
         version, desc = described[model]
-        spec = FeatureSpec.model_validate(desc["feature_spec"])
         key = _component_name(model, used)
-        schemas[key] = instance_schema(spec, entities, f"{model} v{version} instance")
+        schemas[key] = describe_instance(desc, entities, f"{model} v{version} instance")
         predict = {"schema": predict_body_schema({"$ref": f"#/components/schemas/{key}"}, max_instances)}
         if desc.get("input_example"):
             predict["example"] = {"instances": desc["input_example"][:2]}
-        predict_note = f"Instances are validated against the feature spec of {model} v{version}, the newest served."
-        signature = desc["inputs"][0]
-        infer: dict[str, Any] = {
-            "schema": infer_body_schema(signature, [o["name"] for o in desc["outputs"]], max_instances)
-        }
-        if desc.get("input_example"):
-            x = spec.encoder.encode(desc["input_example"][:1])
-            tensor = {"name": signature["name"], "datatype": signature["datatype"], "shape": list(x.shape)}
-            infer["example"] = {"inputs": [{**tensor, "data": x.ravel().tolist()}]}
-        infer_note = (
-            f"The tensor of {model} v{version}, the newest served: {signature['name']!r}, "
-            f"{signature['datatype']}, [rows, {signature['shape'][-1]}] (another version's may differ)."
-        )
+        described_by = "feature spec" if desc.get("feature_spec") is not None else "MLflow signature"
+        predict_note = f"Instances are validated against the {described_by} of {model} v{version}, the newest served."
+        if desc.get("feature_spec") is None:
+            columns = ", ".join(f"{i['name']!r} {i['datatype']}" for i in desc["inputs"])
+            infer_note = f"{model} v{version}, the newest served, takes one 1-D tensor per column: {columns}."
+            infer: dict[str, Any] = {
+                "schema": infer_body_schema(None, [o["name"] for o in desc["outputs"]], max_instances)
+            }
+        else:
+            infer, infer_note = _tensor_infer(model, version, desc, max_instances)
         for kind, body, note in (("predict", predict, predict_note), ("infer", infer, infer_note),
                                  ("infer_version", infer, infer_note)):  # fmt: skip
             path = TEMPLATES[kind].replace("{name}", quote(model, safe=""))
@@ -151,6 +147,24 @@ def with_models(
         for op in templates.values():
             _other_names(op, sorted(described))
     return doc
+
+
+def _tensor_infer(model: str, version: str, desc: dict[str, Any], max_instances: int) -> tuple[dict[str, Any], str]:
+    """The v2 body and note of a feature-spec version: its one float32 tensor."""
+    spec = FeatureSpec.model_validate(desc["feature_spec"])
+    signature = desc["inputs"][0]
+    infer: dict[str, Any] = {
+        "schema": infer_body_schema(signature, [o["name"] for o in desc["outputs"]], max_instances)
+    }
+    if desc.get("input_example"):
+        x = spec.encoder.encode(desc["input_example"][:1])
+        tensor = {"name": signature["name"], "datatype": signature["datatype"], "shape": list(x.shape)}
+        infer["example"] = {"inputs": [{**tensor, "data": x.ravel().tolist()}]}
+    infer_note = (
+        f"The tensor of {model} v{version}, the newest served: {signature['name']!r}, "
+        f"{signature['datatype']}, [rows, {signature['shape'][-1]}] (another version's may differ)."
+    )
+    return infer, infer_note
 
 
 def _other_names(op: dict[str, Any], names: list[str]) -> None:

@@ -26,6 +26,7 @@ from app_server.workers import WorkerPool
 from shared.errors import InvalidInput, ModelError, TooLarge
 from shared.features import FeatureSpec, predictions_from
 from shared.settings import AppSettings
+from shared.signature import to_record_batch
 
 logger = logging.getLogger(__name__)
 
@@ -69,19 +70,24 @@ class Predictor:
         return instances
 
     async def prepare(self, conn: WorkerConn, model: str, version: str, instances: list[Any]) -> Prepared:
-        """Validate and encode ``instances`` with the feature spec of ``model`` ``version``."""
-        spec, validator = await self.specs.get(conn, model, version)
+        """Validate ``instances`` for ``model`` ``version`` and encode them with its feature spec (or,
+        for a version described by its MLflow signature, pack them as an Arrow table)."""
+        takes = await self.specs.get(conn, model, version)
         t0 = time.perf_counter()
         try:
-            validated = validator.validate_python(instances)
+            validated = takes.validator.validate_python(instances)
         except ValidationError as exc:
             raise validation_error(exc, ("instances",)) from None
         rows = [inst.__dict__ for inst in validated]
-        if self.feature_store is not None and spec.entity:
-            rows = await self.feature_store.fill(spec, rows)
-        x = spec.encoder.encode(rows)
+        spec = takes.spec
+        if spec is None:
+            x: Any = to_record_batch(rows, takes.arrow)
+        else:
+            if self.feature_store is not None and spec.entity:
+                rows = await self.feature_store.fill(spec, rows)
+            x = spec.encoder.encode(rows)
         metrics.child(metrics.ENCODE_DURATION, model).observe(time.perf_counter() - t0)
-        return Prepared(version, x, spec.input_name, spec.output_name)
+        return Prepared(version, x, takes.input_name, takes.output_name)
 
     async def cache_writes_done(self) -> None:
         """Wait for the prediction-cache writes still under way (each bounded by the cache's timeout)."""
@@ -113,7 +119,7 @@ class Predictor:
         Given at most half the time the request has left: a stalled cache then costs a miss, and the
         request is still computed in time, instead of the cache's own timeout eating the whole budget.
         """
-        if self.cache is None:
+        if self.cache is None or not isinstance(p.x, np.ndarray):  # a table's rows are not cached (yet)
             return
         p.cache_keys = self.cache.keys(model, p.version, p.x)
         p.cached = await self.cache.get(p.cache_keys, timeout_s=max((deadline - time.monotonic()) / 2, 0.0))
@@ -123,8 +129,17 @@ class Predictor:
         return {"predictions": p.cached, "model": model, "model_version": p.version, "request_id": request_id}
 
     async def _answer(self, reply: Any, p: Prepared, model: str, request_id: str) -> dict[str, Any]:
+        sent = len(p.to_send)
+        if not p.output_name:  # a frame: each row as an object of its columns, as MLflow's server answers
+            columns = {n: predictions_from(o) for n, o in reply.tensors.items() if len(o) == sent}
+            if not columns or len(columns) != len(reply.tensors):
+                raise ModelError(f"model {model} v{reply.header.get('version')} answered without {sent} rows")
+            predictions: list[Any] = [
+                dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)
+            ]
+            return {"predictions": predictions, "model": model, "model_version": reply.header.get("version"),
+                    "request_id": request_id}  # fmt: skip
         out = reply.tensors.get(p.output_name)
-        sent = p.to_send.shape[0]
         if out is None or out.shape[0] != sent:
             raise ModelError(
                 f"model {model} v{reply.header.get('version')} answered without {sent} rows of {p.output_name!r}"

@@ -16,6 +16,7 @@ document admits is what the app server accepts:
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import (
@@ -35,8 +36,10 @@ from app_server.http_io import MAX_TIMEOUT_MS
 from app_server.worker_conn import WorkerConn
 from app_server.workers import WorkerPool
 from shared.features import ENTITY_KEY, FeatureSpec
+from shared.signature import TABLE_INPUT, Column, arrow_schema, columns_from
 
 FLOAT64_MAX = sys.float_info.max
+FLOAT32_MAX = 3.4028234663852886e38
 INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
 """The integers orjson reads as integers; beyond them it reads a float, which an integer field refuses."""
 
@@ -150,20 +153,80 @@ def predict_body_schema(instance: dict[str, Any], max_instances: int | None) -> 
             "properties": {"instances": instances}}  # fmt: skip
 
 
+_COLUMN_TYPES: dict[str, Any] = {
+    "double": _NUMBER,
+    "float": Annotated[float, Field(allow_inf_nan=False, strict=True, ge=-FLOAT32_MAX, le=FLOAT32_MAX)],
+    "long": Annotated[int, Field(strict=True, ge=INT64_MIN, le=2**63 - 1), BeforeValidator(_integral)],
+    "integer": Annotated[int, Field(strict=True, ge=-(2**31), le=2**31 - 1), BeforeValidator(_integral)],
+    "boolean": StrictBool,
+    "string": StrictStr,
+}
+"""Pydantic type of each MLflow column type: what ``mlflow.pyfunc``'s schema enforcement would accept
+without changing a value (no string for a number, no fraction for an integer, nothing out of range)."""
+
+
+def signature_model(columns: list[Column]) -> type[BaseModel]:
+    """The pydantic model of one instance of a version described by its MLflow signature: every
+    column, required ones non-null, optional ones null when absent, no other key."""
+    fields: dict[str, Any] = {}
+    for c in columns:
+        py_type = _COLUMN_TYPES[c.type]
+        note = f"{c.type} column" + ("" if c.required else "; optional (null when absent)")
+        if c.required:
+            fields[c.name] = (py_type, Field(..., description=note))
+        else:
+            fields[c.name] = (py_type | None, Field(None, description=note))
+    return create_model("Instance", __config__=ConfigDict(extra="forbid"), **fields)  # type: ignore[call-overload,no-any-return]
+
+
+def describe_instance(desc: dict[str, Any], entities: bool, title: str) -> dict[str, Any]:
+    """JSON schema of one instance of a described version, whichever way it is described."""
+    if desc.get("feature_spec") is None:
+        schema = signature_model(columns_from(desc["signature"])).model_json_schema()
+        schema["title"] = title
+        return schema
+    return instance_schema(FeatureSpec.model_validate(desc["feature_spec"]), entities, title)
+
+
+@dataclass(frozen=True, slots=True)
+class VersionInput:
+    """How the instances of one version are validated and sent: encoded with its feature spec into a
+    float32 matrix, or (a version described by an MLflow signature) packed as an Arrow table."""
+
+    validator: TypeAdapter[Any]
+    input_name: str
+    output_name: str
+    """The output whose rows are the predictions; "" for a model answering a frame: one object per row."""
+    spec: FeatureSpec | None = None
+    arrow: Any = None
+    """The ``pyarrow.Schema`` of a signature version's table."""
+
+
 class VersionSpecs:
-    """Feature spec and request validator per (model, version), fetched once from a worker."""
+    """How each (model, version) takes its instances, fetched once from a worker."""
 
     def __init__(self, pool: WorkerPool, entities: bool = False) -> None:
         self.pool = pool
         self.entities = entities
-        self._validators: dict[tuple[str, str], tuple[FeatureSpec, TypeAdapter[Any]]] = {}
+        self._inputs: dict[tuple[str, str], VersionInput] = {}
 
-    async def get(self, conn: WorkerConn, model: str, version: str) -> tuple[FeatureSpec, TypeAdapter[Any]]:
+    async def get(self, conn: WorkerConn, model: str, version: str) -> VersionInput:
         key = (model, version)
-        found = self._validators.get(key)
+        found = self._inputs.get(key)
         if found is None:
-            desc = await self.pool.describe(conn, model, version)
-            spec = FeatureSpec.model_validate(desc["feature_spec"])
-            found = (spec, TypeAdapter(list[request_model(spec, self.entities)]))  # type: ignore[misc]
-            self._validators[key] = found
+            found = self._inputs[key] = self.build(await self.pool.describe(conn, model, version))
         return found
+
+    def build(self, desc: dict[str, Any]) -> VersionInput:
+        if desc.get("feature_spec") is None:
+            columns = columns_from(desc["signature"])
+            outputs = [o["name"] for o in desc["outputs"]]
+            return VersionInput(
+                TypeAdapter(list[signature_model(columns)]),  # type: ignore[misc]
+                TABLE_INPUT,
+                "" if desc.get("frame_output") else outputs[0],
+                arrow=arrow_schema(columns),
+            )
+        spec = FeatureSpec.model_validate(desc["feature_spec"])
+        validator = TypeAdapter(list[request_model(spec, self.entities)])  # type: ignore[misc]
+        return VersionInput(validator, spec.input_name, spec.output_name, spec=spec)

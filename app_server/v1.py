@@ -160,6 +160,8 @@ async def model_entry(catalog: ModelCatalog, model: str) -> dict[str, Any]:
         "name": model,
         "version": None,
         "feature_spec": None,
+        "signature": None,
+        "flavour": None,
         "input_example": [],
         "inputs": None,
         "outputs": None,
@@ -174,6 +176,8 @@ async def model_entry(catalog: ModelCatalog, model: str) -> dict[str, Any]:
     entry.update(
         version=version,
         feature_spec=desc.get("feature_spec"),
+        signature=desc.get("signature"),
+        flavour=desc.get("flavour"),
         input_example=desc.get("input_example") or [],
         inputs=desc.get("inputs"),
         outputs=desc.get("outputs"),

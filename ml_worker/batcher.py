@@ -13,8 +13,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
-
 
 @dataclass(slots=True, eq=False)
 class Pending:
@@ -22,7 +20,8 @@ class Pending:
 
     msg_id: str
     version: str
-    x: np.ndarray
+    x: Any
+    """The input: a float32 matrix, or a ``pyarrow.RecordBatch`` for a version described by a signature."""
     arrival: float
     deadline: float
     reply_to: Any = None
@@ -35,7 +34,7 @@ class Pending:
 
     @property
     def rows(self) -> int:
-        return int(self.x.shape[0])
+        return len(self.x)  # an array's first dimension, or a table's rows
 
 
 @dataclass(slots=True)

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from ml_worker.mlflow_runner import warm_mlflow
 from ml_worker.residency import Residency
 from ml_worker.runners import warm_runtime
 from ml_worker.slots import ModelSlot
@@ -37,6 +38,7 @@ class Loader:
         self._slots = slots
         self._lock = asyncio.Lock()
         self._runtime_warm = False
+        self._mlflow_warm = False
 
     async def load(self, slot: ModelSlot, ref: registry.VersionRef) -> LoadedVersion:
         """Download (cached) and load a registry version for ``slot``; raises what the load raised."""
@@ -63,6 +65,9 @@ class Loader:
                 except Exception:  # a runtime that cannot run this cannot run the model either: it says why
                     logger.warning("warming ONNX Runtime up failed", exc_info=True)
                 self._runtime_warm = True
+            if not self._mlflow_warm and not registry.model_files(folder)["feature_spec"].exists():
+                await asyncio.to_thread(warm_mlflow)  # its imports are the process's, not this model's
+                self._mlflow_warm = True
             last = slot.live.size_bytes if slot.live is not None else 0
             need = max(known_size, last, await asyncio.to_thread(files_bytes, folder))
             self.residency.make_room(self._slots(), need, keep=slot)

@@ -32,6 +32,16 @@ class Runner(Protocol):
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
+def join(xs: list[Any]) -> Any:
+    """The inputs of a batch's requests as one: arrays concatenated, or record batches as one table
+    (their columns are not copied; the runner's ``to_pandas`` makes the one copy the flavour needs)."""
+    if isinstance(xs[0], np.ndarray):
+        return np.concatenate(xs)
+    import pyarrow as pa
+
+    return pa.Table.from_batches(xs)
+
+
 MAX_CACHED_SHAPES = 256
 """Device buffer sets kept for distinct batch sizes (one per size up to ``max_batch_size``)."""
 
@@ -52,6 +62,15 @@ def default_intra_op_threads(device: str) -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(1, cores - 1)
+
+
+def pin_openmp_threads(intra_op_threads: int = 0) -> None:
+    """Give OpenMP (XGBoost, LightGBM, scikit-learn's tree code, torch) the ONNX intra-op thread count,
+    unless ``OMP_NUM_THREADS`` is set already. Tree libraries default to every core, which on a worker
+    starves its event loop exactly as :func:`default_intra_op_threads` explains. Set in the environment
+    before any of them loads: OpenMP reads it once, and each executor thread starts from it (a
+    ``omp_set_num_threads`` call would only reach the thread that made it)."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(intra_op_threads or default_intra_op_threads("cpu")))
 
 
 def warm_runtime(device: str = "auto", intra_op_threads: int = 0) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 from ml_worker import replies
 from ml_worker.batcher import Pending
 from ml_worker.executor import Executor
+from ml_worker.runners import join
 from ml_worker.sharing import FairShare
 from ml_worker.slots import ModelSlot
 from ml_worker.versions import LoadedVersion
@@ -176,7 +177,7 @@ class Scheduler:
         xs = [p.x for p in batch]
 
         def job() -> dict[str, np.ndarray]:  # the copy into one array is the executor thread's, too
-            return run(xs[0] if len(xs) == 1 else np.concatenate(xs))
+            return run(xs[0] if len(xs) == 1 else join(xs))
 
         token = next(self._tokens)
         self.running[token] = Running(slot, loaded, batch, started, _predicted_s(slot, batch))

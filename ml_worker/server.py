@@ -21,7 +21,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import zmq
 
 from ml_worker import metrics, replies
@@ -251,10 +250,10 @@ class WorkerServer:
         slot.last_used = now
         version = header.get("version")
         loaded = slot.get(version)
-        spec = loaded.spec if loaded is not None else None
+        wire_input = loaded.wire_input if loaded is not None else None
         if loaded is None and slot.unloaded is not None and version in (None, slot.unloaded.version):
-            spec = slot.unloaded.spec  # unloaded to save memory: checked now, loaded again below
-        if spec is None:
+            wire_input = slot.unloaded.wire_input  # unloaded to save memory: checked now, loaded again below
+        if wire_input is None:
             slot.metrics.requests["version_unavailable"].inc()
             self._send(ident, replies.version_unavailable(slot, msg.id, version))
             return
@@ -264,11 +263,9 @@ class WorkerServer:
             slot.metrics.requests[outcome].inc()
             self._send(ident, protocol.reply(msg.id, status, version=served, model=slot.name, message=message))
 
-        x = msg.tensors.get(spec.input_name)
-        if x is None or x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != spec.width or x.dtype != np.float32:
-            got = f"{x.dtype}{list(x.shape)}" if x is not None else "nothing"
-            want = f"{spec.input_name!r} must be float32[n, {spec.width}], n >= 1, got {got}"
-            return refuse(Status.BAD_REQUEST, "bad_request", want)
+        x = msg.tensors.get(wire_input.name)
+        if (why := wire_input.refusal(x)) is not None:
+            return refuse(Status.BAD_REQUEST, "bad_request", why)
         budget = header.get("budget_ms")
         if not isinstance(budget, int | float) or isinstance(budget, bool) or not math.isfinite(budget):
             return refuse(Status.BAD_REQUEST, "bad_request", f"budget_ms must be a number, got {budget!r:.40}")

@@ -19,8 +19,7 @@ from typing import Any
 
 from ml_worker import metrics
 from ml_worker.batcher import Batcher, Pending
-from ml_worker.versions import LoadedVersion
-from shared.features import FeatureSpec
+from ml_worker.versions import LoadedVersion, WireInput
 from shared.model_targets import ModelTarget
 
 logger = logging.getLogger(__name__)
@@ -32,7 +31,7 @@ class UnloadedVersion:
     to describe it, check requests against it, and load it again from its folder."""
 
     version: str
-    spec: FeatureSpec
+    wire_input: WireInput
     description: dict[str, Any]
     model_dir: Path
     origin: str
@@ -91,12 +90,6 @@ class ModelSlot:
         return list(self._resident)
 
     @property
-    def spec(self) -> FeatureSpec | None:
-        if self.live is not None:
-            return self.live.spec
-        return self.unloaded.spec if self.unloaded is not None else None
-
-    @property
     def device(self) -> str | None:
         if self.live is not None:
             return self.live.device
@@ -142,7 +135,7 @@ class ModelSlot:
         if live is not None:
             self.unloaded = UnloadedVersion(
                 live.version,
-                live.spec,
+                live.wire_input,
                 live.describe(),
                 live.model_dir,
                 live.origin,

@@ -18,11 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from ml_worker.mlflow_runner import MLflowRunner
 from ml_worker.runners import OnnxRunner, Runner, TorchScriptRunner
 from shared.errors import ModelError
 from shared.features import FeatureSpec, load_spec, predictions_from
-from shared.protocol import DTYPES
+from shared.protocol import wire_dtype
 from shared.registry import VersionRef, cache_key, model_files, read_input_example
+from shared.signature import TABLE_INPUT, V2_DATATYPES, Column, to_record_batch
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,29 @@ class ModelCheckFailed(ModelError):
     """A version failed load, warm-up or its checks; it is never swapped in."""
 
 
+@dataclass(frozen=True, slots=True)
+class WireInput:
+    """What a version takes on the wire: a float32 matrix of its feature spec's width, or (no spec) one
+    Arrow table of its signature's columns. Kept for unloaded versions too: requests are checked first."""
+
+    name: str
+    width: int = 0
+    schema: Any = None
+    """The ``pyarrow.Schema`` of a signature version; ``None`` for a feature-spec version."""
+
+    def refusal(self, x: Any) -> str | None:
+        """Why ``x`` cannot be this version's input, or ``None`` when it can."""
+        if self.schema is None:
+            ok = isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[0] and x.shape[1] == self.width
+            if ok and x.dtype == np.float32:
+                return None
+            got = f"{x.dtype}{list(x.shape)}" if isinstance(x, np.ndarray) else "no tensor" if x is None else "a table"
+            return f"{self.name!r} must be float32[n, {self.width}], n >= 1, got {got}"
+        if isinstance(x, np.ndarray) or x is None or x.num_rows == 0 or not x.schema.equals(self.schema):
+            return f"{self.name!r} must be an Arrow table of the signature's columns ({self.schema}) with rows"
+        return None
+
+
 @dataclass(slots=True)
 class LoadedVersion:
     """One version of a registered model, in memory and checked: what a batch runs on."""
@@ -40,9 +65,12 @@ class LoadedVersion:
     name: str
     version: str
     runner: Runner
-    spec: FeatureSpec
+    spec: FeatureSpec | None
+    """The feature spec; ``None`` for a model described by its MLflow signature (``columns``)."""
     input_example: dict[str, Any]
     model_dir: Path
+    wire_input: WireInput
+    columns: list[Column] | None = None
     warm_timings: dict[int, float] = field(default_factory=dict)
     """Seconds per batch size measured at warm-up: the batcher's cost-model seed."""
     origin: str = ""
@@ -52,6 +80,8 @@ class LoadedVersion:
     size of its files (see :func:`measure_load`)."""
     load_s: float = 0.0
     """Seconds its load, check and warm-up took (download excluded): what loading it again costs."""
+    output_datatypes: dict[str, str] = field(default_factory=dict)
+    """Open Inference Protocol datatype of each output, as the check's run gave it."""
 
     def is_(self, ref: VersionRef) -> bool:
         """Whether this is the registry entry ``ref``: the same number and, when known, the same files."""
@@ -62,17 +92,29 @@ class LoadedVersion:
         return self.runner.device
 
     def describe(self) -> dict[str, Any]:
+        outputs = [
+            {"name": n, "datatype": self.output_datatypes.get(n, "FP32"), "shape": shape}
+            for n, shape in zip(self.runner.output_names, self.runner.output_shapes, strict=True)
+        ]
+        common = {"model": self.name, "version": self.version, "device": self.device, "outputs": outputs}
+        if self.spec is None:
+            runner: Any = self.runner
+            columns = self.columns or []
+            return {
+                **common,
+                "feature_spec": None,
+                "signature": [c.as_dict() for c in columns],
+                "flavour": runner.flavour,
+                "call": runner.call,
+                "frame_output": runner.frame_output,
+                "input_example": self.input_example.get("instances", []),
+                "inputs": [{"name": c.name, "datatype": V2_DATATYPES[c.type], "shape": [-1]} for c in columns],
+            }
         return {
-            "model": self.name,
-            "version": self.version,
-            "device": self.device,
+            **common,
             "feature_spec": self.spec.model_dump(mode="json"),
             "input_example": self.input_example.get("instances", []),
             "inputs": [{"name": self.spec.input_name, "datatype": "FP32", "shape": [-1, self.spec.width]}],
-            "outputs": [
-                {"name": n, "datatype": "FP32", "shape": shape}
-                for n, shape in zip(self.runner.output_names, self.runner.output_shapes, strict=True)
-            ],
         }
 
 
@@ -108,6 +150,8 @@ def _build(
     name: str, version: str, model_dir: Path, device: str, intra_op_threads: int, max_batch_size: int
 ) -> LoadedVersion:
     files = model_files(model_dir)
+    if not files["feature_spec"].exists():
+        return _build_from_signature(name, version, model_dir, device, max_batch_size)
     try:
         spec = load_spec(files["feature_spec"].read_bytes())
         example = read_input_example(model_dir)
@@ -124,15 +168,80 @@ def _build(
             raise ModelError("no model.onnx or model.pt in the version's folder")
     except ModelError as exc:
         raise ModelCheckFailed(f"{name} v{version}: {exc.message}") from exc
-    model = LoadedVersion(name, version, runner, spec, example, model_dir)
+    model = LoadedVersion(name, version, runner, spec, example, model_dir, WireInput(spec.input_name, spec.width))
     _check(model)
     _warm(model, max_batch_size)
     return model
 
 
+def _build_from_signature(name: str, version: str, model_dir: Path, device: str, max_batch_size: int) -> LoadedVersion:
+    """A model logged the ordinary MLflow way: its flavour through MLflow, its signature for the input.
+
+    Checked on the ``input_example`` logged with it (the full ``predict`` and the direct call must agree:
+    see ``mlflow_runner``); without one it is served unchecked and warmed on nothing, and the log says so.
+    """
+    where = f"{name} v{version}"
+    try:
+        runner = MLflowRunner(model_dir, device=device)
+    except ModelError as exc:
+        raise ModelCheckFailed(f"{where}: {exc.message}") from exc
+    model = LoadedVersion(
+        name, version, runner, None, {"instances": []}, model_dir, WireInput(TABLE_INPUT, schema=runner.schema),
+        columns=runner.columns,
+    )  # fmt: skip
+    if runner.example is None:
+        logger.warning("%s: no input_example was logged with it, so it is served without a check or warm-up", where)
+        return model
+    rows = runner.example[[c.name for c in runner.columns if c.name in runner.example]].to_dict("records")
+    try:
+        table = to_record_batch([{c.name: _plain(r.get(c.name)) for c in runner.columns} for r in rows], runner.schema)
+        runner.choose_call(table.to_pandas())
+        outputs = runner.run(table)
+    except Exception as exc:
+        raise ModelCheckFailed(f"{where}: running the logged input example failed: {exc}") from exc
+    model.input_example = {"instances": [{k: v for k, v in r.items() if v is not None} for r in table.to_pylist()]}
+    _check_outputs(model, outputs, table.num_rows)
+    for b in sorted({b for b in WARM_BATCH_SIZES if b <= max_batch_size} | {max_batch_size}):
+        batch = table.take(np.arange(b) % table.num_rows)
+        runner.run(batch)
+        t0 = time.perf_counter()
+        runner.run(batch)
+        model.warm_timings[b] = time.perf_counter() - t0
+    logger.info("%s: %s model, %s call", where, runner.flavour, runner.call)
+    return model
+
+
+def _plain(value: Any) -> Any:
+    """A frame cell as the JSON a caller would send: ``None`` for missing, Python scalars for numpy's."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _check_outputs(model: LoadedVersion, outputs: dict[str, Any], rows: int) -> None:
+    where = f"{model.name} v{model.version}"
+    bad = {n: o.dtype.name for n, o in outputs.items() if wire_dtype(o.dtype) is None}
+    if bad:
+        raise ModelCheckFailed(f"{where}: outputs the wire cannot carry: {bad}")
+    # Replies are cut from every output row by row; an output without one row per input row (a scalar,
+    # say) could not be answered at all.
+    unbatched = sorted(n for n, o in outputs.items() if np.ndim(o) == 0 or len(o) != rows)
+    if unbatched:
+        raise ModelCheckFailed(f"{where}: outputs {unbatched} do not have one row per input row")
+    model.output_datatypes = {n: v2_datatype(o.dtype) for n, o in outputs.items()}
+
+
+def v2_datatype(dtype: np.dtype) -> str:
+    """The Open Inference Protocol name of an output dtype the wire carries."""
+    if dtype.kind in "Ub":
+        return "BYTES" if dtype.kind == "U" else "BOOL"
+    return {"f": "FP", "i": "INT", "u": "UINT"}[dtype.kind] + str(dtype.itemsize * 8)
+
+
 def _check(model: LoadedVersion) -> None:
     where = f"{model.name} v{model.version}"
     runner, spec = model.runner, model.spec
+    assert spec is not None
     if runner.input_width is not None and runner.input_width != spec.width:
         raise ModelCheckFailed(f"{where}: model input width {runner.input_width} != feature spec width {spec.width}")
     if spec.output_name not in runner.output_names:
@@ -147,16 +256,9 @@ def _check(model: LoadedVersion) -> None:
         out = outputs[spec.output_name]
     except Exception as exc:
         raise ModelCheckFailed(f"{where}: running the input example failed: {exc}") from exc
-    bad = {n: o.dtype.name for n, o in outputs.items() if o.dtype.name not in DTYPES}
-    if bad:
-        raise ModelCheckFailed(f"{where}: outputs the wire cannot carry: {bad}")
     if out.shape[0] != len(instances):
         raise ModelCheckFailed(f"{where}: {len(instances)} example rows gave output shape {out.shape}")
-    # Replies are cut from every output row by row; an output without one row per input row (a scalar,
-    # say) could not be answered at all.
-    unbatched = sorted(n for n, o in outputs.items() if np.ndim(o) == 0 or len(o) != len(instances))
-    if unbatched:
-        raise ModelCheckFailed(f"{where}: outputs {unbatched} do not have one row per input row")
+    _check_outputs(model, outputs, len(instances))
     got = predictions_from(out)
     if not np.allclose(np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64), rtol=1e-3, atol=1e-4):
         raise ModelCheckFailed(f"{where}: outputs do not match the input example's expected predictions")
@@ -164,7 +266,7 @@ def _check(model: LoadedVersion) -> None:
 
 def _warm(model: LoadedVersion, max_batch_size: int) -> None:
     """Run every batch size the batcher may form, so the first real batch pays no allocation or JIT."""
-    width = model.spec.width
+    width = model.wire_input.width
     sizes = sorted({b for b in WARM_BATCH_SIZES if b <= max_batch_size} | {max_batch_size})
     for b in sizes:
         x = np.zeros((b, width), dtype=np.float32)

@@ -3,6 +3,9 @@
 A message is a ZeroMQ multipart: frame 0 is a msgpack header, frames 1..n are the raw bytes of the
 tensors the header describes (``inputs`` on a request, ``outputs`` on a reply), in order. Tensors never
 go through msgpack or pickle, so a receiver rebuilds them with ``np.frombuffer`` without a copy.
+Besides numbers and booleans, a tensor may hold fixed-width unicode (dtype ``U<n>``: string outputs such
+as class labels), and an input may be a *table*: one Arrow IPC stream holding a record batch (dtype
+``arrow``), the columns of a model described by an MLflow signature (``shared.signature``).
 
 Several messages may travel in one *batch envelope* (:func:`pack_batch`, opened by :func:`split`): a
 header ``{"v": 1, "kind": "batch", "frames": [n1, n2, ...]}`` followed by each message's frames. App
@@ -36,6 +39,18 @@ DTYPES: frozenset[str] = frozenset(
 _NAMES: dict[np.dtype, str] = {np.dtype(name): name for name in DTYPES}
 """Wire name of each allowed dtype: ``dtype.name`` runs Python code in numpy, on every tensor sent."""
 _NUMPY: dict[str, np.dtype] = {name: np.dtype(name) for name in DTYPES}
+ARROW = "arrow"
+"""dtype of a table: the frame is an Arrow IPC stream of one record batch; ``shape`` is ``[rows]``."""
+MAX_STRING_CHARS = 1 << 16
+"""Widest unicode tensor element (``U<n>``) a receiver accepts."""
+
+
+def wire_dtype(dtype: np.dtype) -> str | None:
+    """The wire name of ``dtype`` (native byte order), or ``None`` where the wire cannot carry it."""
+    name = _NAMES.get(dtype)
+    if name is None and dtype.kind == "U" and dtype.byteorder in "=|<" and 0 < dtype.itemsize // 4 <= MAX_STRING_CHARS:
+        name = f"U{dtype.itemsize // 4}"
+    return name
 
 
 class Kind(StrEnum):
@@ -70,7 +85,8 @@ class Message:
     """A parsed message: its header (tensor descriptors removed) and its tensors by name."""
 
     header: dict[str, Any]
-    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    tensors: dict[str, Any] = field(default_factory=dict)
+    """Arrays by name; a table input (dtype ``arrow``) is a ``pyarrow.RecordBatch``."""
 
     @property
     def id(self) -> str:
@@ -82,6 +98,30 @@ def _tensor_frame(array: np.ndarray) -> memoryview:
     return flat.view(np.uint8).data
 
 
+def _table_frame(batch: Any) -> memoryview:
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return memoryview(sink.getvalue())
+
+
+def _table(name: Any, shape: Any, buf: memoryview) -> Any:
+    import pyarrow as pa
+
+    if not isinstance(shape, list) or len(shape) != 1 or not isinstance(shape[0], int):
+        raise ProtocolError(f"table {name!r}: bad shape {shape!r}")
+    try:
+        reader = pa.ipc.open_stream(pa.py_buffer(buf))  # numeric columns stay views of the frame
+        batch = reader.read_next_batch()
+    except Exception as exc:
+        raise ProtocolError(f"table {name!r}: not an Arrow IPC stream ({exc.__class__.__name__})") from None
+    if batch.num_rows != shape[0]:
+        raise ProtocolError(f"table {name!r}: {batch.num_rows} rows, descriptor says {shape[0]}")
+    return batch
+
+
 def pack(
     header: Mapping[str, Any], tensors: Mapping[str, np.ndarray] | None = None, *, field_name: str = "inputs"
 ) -> list[Frame]:
@@ -91,7 +131,11 @@ def pack(
     frames: list[Frame] = []
     descriptors = []
     for name, array in (tensors or {}).items():
-        dtype = _NAMES.get(array.dtype)
+        if not isinstance(array, np.ndarray):  # a table (pyarrow.RecordBatch)
+            descriptors.append({"name": name, "dtype": ARROW, "shape": [array.num_rows]})
+            frames.append(_table_frame(array))
+            continue
+        dtype = _NAMES.get(array.dtype) or wire_dtype(array.dtype)
         if dtype is None and (native := array.dtype.newbyteorder("=")) in _NAMES:
             array = array.astype(native)  # the wire carries native byte order; a swapped array is converted
             dtype = _NAMES[native]
@@ -192,13 +236,18 @@ def unpack(frames: Sequence[Any], *, field_name: str = "inputs", header: dict[st
     return Message(header, tensors)
 
 
-def _tensor(desc: Mapping[str, Any], buf: memoryview) -> np.ndarray:
+def _tensor(desc: Mapping[str, Any], buf: memoryview) -> Any:
     name, dtype, shape = desc["name"], desc["dtype"], desc["shape"]
-    if not isinstance(name, str) or dtype not in DTYPES:
+    if dtype == ARROW and isinstance(name, str):
+        return _table(name, shape, buf)
+    np_dtype = _NUMPY.get(dtype) if isinstance(dtype, str) else None
+    unicode = np_dtype is None and isinstance(dtype, str) and dtype[:1] == "U" and dtype[1:].isdigit()
+    if unicode and 0 < int(dtype[1:]) <= MAX_STRING_CHARS:
+        np_dtype = np.dtype(dtype)
+    if not isinstance(name, str) or np_dtype is None:
         raise ProtocolError(f"tensor {name!r}: unsupported dtype {dtype!r}")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise ProtocolError(f"tensor {name!r}: bad shape {shape!r}")
-    np_dtype = _NUMPY[dtype]
     expected = np_dtype.itemsize
     for d in shape:
         expected *= d

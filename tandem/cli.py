@@ -86,6 +86,9 @@ def worker(
     """Run one worker: ZeroMQ server, a batcher and registry watch per model, the shared executor."""
     settings = build(WorkerSettings, **locals())
     logs.configure(settings.log_level, settings.log_format, "worker")
+    from ml_worker.runners import pin_openmp_threads
+
+    pin_openmp_threads(settings.intra_op_threads)
     from ml_worker.server import run_worker
     from shared.runtime import run_loop
 

@@ -9,6 +9,7 @@ import pytest
 from shared import protocol
 from shared.errors import ProtocolError
 from shared.protocol import DTYPES, Kind, Status
+from shared.signature import arrow_schema, columns_from, to_record_batch
 
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
@@ -55,7 +56,32 @@ def test_arrays_in_either_byte_order_arrive_with_their_values(dtype):
 
 def test_unsupported_dtype_is_refused_when_packing():
     with pytest.raises(ProtocolError, match="unsupported dtype"):
-        protocol.request(Kind.INFER, "x", inputs={"s": np.array(["a"])})
+        protocol.request(Kind.INFER, "x", inputs={"s": np.array([{"a": 1}], dtype=object)})
+
+
+def test_unicode_tensors_and_arrow_tables_round_trip():
+    """Class labels travel as fixed-width unicode; signature models' inputs as one Arrow record batch."""
+    labels = np.array(["fraud", "ok", ""])
+    got = protocol.parse_reply(_bytes(protocol.reply("r", Status.OK, outputs={"label": labels})))
+    np.testing.assert_array_equal(got.tensors["label"], labels)
+    schema = arrow_schema(columns_from([{"type": "double", "name": "x"}, {"type": "string", "name": "c"}]))
+    table = to_record_batch([{"x": 1.5, "c": "a"}, {"x": -2.0, "c": None}], schema)
+    msg = protocol.parse_request(_bytes(protocol.request(Kind.INFER, "q", inputs={"t": table})))
+    assert msg.tensors["t"].equals(table)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape", "payload"),
+    [("arrow", [2], b"not arrow"), ("U0", [1], b""), ("U99999999", [1], b"x"), ("Ufoo", [1], b"x")],
+)
+def test_malformed_tables_and_strings_are_protocol_errors(dtype, shape, payload):
+    head = _header(inputs=[{"name": "t", "dtype": dtype, "shape": shape}])
+    with pytest.raises(ProtocolError):
+        protocol.parse_request([head, payload])
+
+
+def _bytes(frames):
+    return [bytes(f) for f in frames]
 
 
 def _header(**fields):
