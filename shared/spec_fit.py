@@ -47,6 +47,8 @@ KINDS: tuple[str, ...] = ("numeric", "categorical", "hashed", "boolean")
 SKEW_FOR_LOG1P = 2.0
 """``log1p="auto"`` transforms non-negative columns more skewed than this (an exponential's skew is 2)."""
 MIN_BUCKETS = 16
+MAX_Z = 10.0
+"""A standardised training value further out than this is worth a note: its column's scale is set by outliers."""
 ID_MIN_ROWS = 20
 """Text unique on every row is called an identifier only from this many rows (tiny samples are unique anyway)."""
 _NUMBER = {"integer", "floating", "mixed-integer-float", "decimal"}
@@ -192,7 +194,8 @@ def _fit_column(
     try:
         if kind == "numeric":
             x = pd.to_numeric(series).to_numpy(dtype=np.float64, na_value=np.nan)
-            return _fit_numeric(name, x, gaps or all_defaults, opts["clip_quantiles"], opts["log1p"]), note
+            feature, warning = _fit_numeric(name, x, gaps or all_defaults, opts["clip_quantiles"], opts["log1p"])
+            return feature, "; ".join(filter(None, [note, warning]))
         if kind == "boolean":
             b = _as_bool(series[present], name)
             return BooleanFeature(name=name, default=bool(b.mean() > 0.5) if gaps or all_defaults else None), note
@@ -203,7 +206,7 @@ def _fit_column(
 
 def _fit_numeric(
     name: str, x: np.ndarray, with_default: bool, clip_quantiles: tuple[float, float] | None, log1p: Any
-) -> NumericFeature:
+) -> tuple[NumericFeature, str]:
     finite = x[np.isfinite(x)]
     if finite.size == 0:
         raise ValueError("no finite values")
@@ -226,14 +229,18 @@ def _fit_numeric(
         transform = "log1p" if name in log1p else "none"
     if transform == "log1p":
         filled = np.log1p(np.maximum(filled, 0.0))
-    std = float(filled.std())
-    return NumericFeature(
-        name=name,
-        mean=float(filled.mean()),
-        std=std if std > 0 else 1.0,
-        clip=clip,
-        transform=transform,
-        default=median if with_default else None,
+    mean, std = float(filled.mean()), float(filled.std())
+    std = std if std > 0 else 1.0
+    feature = NumericFeature(
+        name=name, mean=mean, std=std, clip=clip, transform=transform, default=median if with_default else None
+    )
+    # Percentile bounds clip 0.1% a side: more outliers than that (sentinels such as 999999) still set the scale.
+    z = float(np.abs(filled - mean).max() / std)
+    return feature, (
+        f"a few extreme values dominate its scale (|z| up to {z:.0f}): consider log1p, tighter "
+        "clip quantiles, or cleaning them"
+        if z > MAX_Z
+        else ""
     )
 
 
