@@ -144,6 +144,8 @@ def _check_options(
 ) -> None:
     """Refuse a misspelt column or kind up front: a typo in --target would silently make the label a feature."""
     named = [*([target] if target is not None else []), *drop, *kinds, *([] if log1p == "auto" else log1p)]
+    if frame.columns.has_duplicates:
+        raise ValueError(f"columns appear twice: {', '.join(map(str, frame.columns[frame.columns.duplicated()]))}")
     missing = [c for c in named if c not in frame.columns]
     if missing:
         raise ValueError(
