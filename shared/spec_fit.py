@@ -231,7 +231,10 @@ def _fit_numeric(
         transform = "log1p" if name in log1p else "none"
     if transform == "log1p":
         filled = np.log1p(np.maximum(filled, 0.0))
-    mean, std = float(filled.mean()), float(filled.std())
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean, std = float(filled.mean()), float(filled.std())
+    if not (np.isfinite(mean) and np.isfinite(std)):  # values near 1e308: JSON and the encoder need finite figures
+        raise ValueError("values too large to standardise (clip them, or fit with log1p)")
     std = std if std > 0 else 1.0
     feature = NumericFeature(
         name=name, mean=mean, std=std, clip=clip, transform=transform, default=median if with_default else None

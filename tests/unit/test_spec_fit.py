@@ -238,6 +238,7 @@ def test_entity_id_columns_are_not_features():
         (pd.DataFrame({"x": [1.0, 2.0], "y": 0}), {"target": "y", "kinds": {"x": "text"}}, "kind of 'x'"),
         (pd.DataFrame({"x": ["a", "b"], "y": 0}), {"target": "y", "kinds": {"x": "numeric"}}, "'x' as numeric"),
         (pd.DataFrame({"x": [1.0, 1.0], "y": 0}), {"target": "y"}, "no column of the data can be a feature"),
+        (pd.DataFrame({"x": [1e308, -1e308, 0.0], "y": 0}), {"target": "y", "clip_quantiles": None}, "too large"),
     ],
 )
 def test_bad_input_is_a_clear_error(frame, options, message):
