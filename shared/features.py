@@ -150,6 +150,18 @@ class FeatureSpec(BaseModel):
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
 
+    @classmethod
+    def fit(cls, frame: Any, *, target: str | None = None, **options: Any) -> FeatureSpec:
+        """Infer a spec from training data (a pandas DataFrame) rather than writing its JSON by hand.
+
+        ``target`` (the label) is left out. The rules and the options (``drop``, ``kinds``, ``max_vocab``,
+        ``min_count``, ``hash_threshold``, ``max_buckets``, ``clip_quantiles``, ``log1p``, ``defaults``,
+        ``entity``...) are in :mod:`shared.spec_fit`, imported here only when used: serving never needs pandas.
+        """
+        from shared.spec_fit import fit_spec
+
+        return fit_spec(frame, target=target, **options)
+
 
 class Encoder:
     """Turns raw feature values into the model's float32 input matrix, a column at a time."""
@@ -218,6 +230,16 @@ class Encoder:
         out = np.zeros(len(rows) * width, dtype=np.float32)
         out[index] = value
         return out.reshape(len(rows), width)
+
+    def encode_frame(self, frame: Any) -> np.ndarray:
+        """Encode a pandas DataFrame of raw columns, the way training code and batch jobs hold data.
+
+        Missing cells (NaN, None, NA) take the feature's default as an absent request field does, and
+        text is read as a client would send it (:func:`shared.spec_fit.frame_columns`).
+        """
+        from shared.spec_fit import frame_columns
+
+        return self.encode_columns(frame_columns(self.spec, frame), len(frame))
 
     def encode_columns(self, columns: Mapping[str, Sequence[Any] | np.ndarray], n: int) -> np.ndarray:
         out = np.zeros((n, self.width), dtype=np.float32)

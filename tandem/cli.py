@@ -12,6 +12,7 @@ import typer
 from shared import logs
 from shared.settings import DEFAULT_HOME, AppSettings, CommonSettings, WorkerSettings
 from tandem.features_cli import app as features_app
+from tandem.spec_cli import app as spec_app
 
 app = typer.Typer(
     help="Tandem model serving: stateless app servers, batching GPU workers.",
@@ -20,6 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(features_app, name="features")
+app.add_typer(spec_app, name="spec")
 
 RegistryUri = Annotated[
     str | None,
