@@ -214,5 +214,11 @@ def test_a_budget_for_one_of_two_models_answers_every_request_within_budget_and_
     wait_for(lambda: small.counter("tandem_model_info", model="churn", version="1", device="cpu") == 1, 10)
     baseline = psutil.Process(small.proc.pid).memory_info().rss
     file_mb = registry.model_files(folder_of(uri, "big1", home / "dl"))["onnx"].stat().st_size / 2**20
+    # Once loads are over, what stays is one model within the budget plus the runtime's set-up: two
+    # models resident (about 104 MB) would not fit. The peak adds the load's transient copies; it read
+    # 218 MB once in CI against the 217 of a 40 MB margin (allocator arenas of the load and the batch
+    # threads), so it is held to 60: still below two resident models plus a load (about 250).
+    steady_mb = (proc.memory_info().rss - baseline) / 2**20
+    assert steady_mb <= budget_mb + 40, (steady_mb, budget_mb)
     over_mb = (max(peak) - baseline) / 2**20
-    assert over_mb <= budget_mb + 2 * file_mb + 40, (over_mb, budget_mb, file_mb)
+    assert over_mb <= budget_mb + 2 * file_mb + 60, (over_mb, budget_mb, file_mb)
