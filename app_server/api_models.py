@@ -76,12 +76,23 @@ class TensorMeta(_Doc):
     shape: list[int] = Field(description="-1: any size (the batch dimension).")
 
 
+class RefusedVersion(_Doc):
+    version: str
+    error: str = Field(description="Why it failed: the load, the check on its input example, a missing library.")
+    attempts: int
+    retry_in_s: float
+
+
 class WorkerInfo(_Doc):
     endpoint: str
     alive: bool
     live: str | None = Field(description="The version this worker serves new requests with.")
     versions: list[str] = Field(description="Versions it holds (a replaced one stays a while).")
     loaded: bool = Field(description="False while unloaded to stay within its memory budget.")
+    refused: RefusedVersion | None = Field(
+        None, description="A version the registry names that this worker failed to load, and why; it keeps "
+        "serving `live` meanwhile and retries with back-off."
+    )  # fmt: skip
 
 
 class ModelEntry(_Doc):

@@ -32,7 +32,9 @@ from app_server.api_models import (
 from app_server.catalog import ModelCatalog
 from app_server.failover import Dispatcher, Prepared
 from app_server.http_metrics import label_model
+from app_server.predict import Predictor
 from app_server.schemas import PREDICTION_HEADERS
+from app_server.v2_columns import decode_columns
 from app_server.v2_tensors import (
     HEADER_LENGTH,
     HEADER_SAFE,
@@ -227,10 +229,12 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("deadline passed waiting for the model's signature") from None
         raise
+    wanted = requested_outputs(header, [o["name"] for o in desc["outputs"]])
+    if desc.get("feature_spec") is None:
+        return await _infer_columns(request, model, version, header, binary, desc, wanted, request_id, deadline)
     t0 = time.perf_counter()
     x = decode_input(header, binary, desc["inputs"][0], settings.max_instances)
     metrics.child(metrics.ENCODE_DURATION, model).observe(time.perf_counter() - t0)
-    wanted = requested_outputs(header, [o["name"] for o in desc["outputs"]])
 
     async def prepare(conn: WorkerConn, target: str) -> Prepared:
         sig = (await catalog.pool.describe(conn, model, target))["inputs"][0]
@@ -245,11 +249,33 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     with dispatcher.admitted():
         reply, _ = await dispatcher.infer(model, prepare, request_id, deadline, version)
     assert reply is not None  # no prediction cache on this path: there is always a tensor to send
+    return _answer(reply, model, wanted, req_id or request_id, request_id)
+
+
+async def _infer_columns(
+    request: Request, model: str, version: str | None, header: dict[str, Any], binary: bytes,
+    desc: dict[str, Any], wanted: list[tuple[str, bool]], request_id: str, deadline: float,
+) -> Response:  # fmt: skip
+    """A signature version: its column tensors as instances, then ``/predict``'s validation and packing."""
+    predictor: Predictor = request.app.state.predictor
+    dispatcher: Dispatcher = request.app.state.dispatcher
+    instances = decode_columns(header, binary, desc, predictor.settings.max_instances)
+
+    async def prepare(conn: WorkerConn, target: str) -> Prepared:
+        return await predictor.prepare(conn, model, target, instances)
+
+    with dispatcher.admitted():
+        reply, _ = await dispatcher.infer(model, prepare, request_id, deadline, version)
+    assert reply is not None  # no prediction cache for tables
+    return _answer(reply, model, wanted, header.get("id") or request_id, request_id)
+
+
+def _answer(reply: Any, model: str, wanted: list[tuple[str, bool]], answer_id: str, request_id: str) -> Response:
     missing = [n for n, _ in wanted if n not in reply.tensors]
     if missing:
         raise ModelError(f"model {model} v{reply.header.get('version')} answered without output {missing[0]!r}")
     outputs, raw = render_outputs(reply.tensors, wanted)
-    answer = {"model_name": model, "model_version": str(reply.header.get("version")), "id": req_id or request_id,
+    answer = {"model_name": model, "model_version": str(reply.header.get("version")), "id": answer_id,
               "outputs": outputs}  # fmt: skip
     headers = {"X-Request-ID": request_id}
     if not raw:

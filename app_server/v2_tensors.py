@@ -205,7 +205,11 @@ def render_outputs(reply: dict[str, np.ndarray], wanted: list[tuple[str, bool]])
     for name, binary in wanted:
         arr = reply[name]
         entry: dict[str, Any] = {"name": name, "datatype": DATATYPES.get(arr.dtype.name, "BYTES"), "shape": arr.shape}
-        if binary:
+        if binary and arr.dtype.kind == "U":  # BYTES: each element's length (4 bytes) then its UTF-8
+            raw = b"".join(len(b).to_bytes(4, "little") + b for b in (v.encode() for v in arr.ravel().tolist()))
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        elif binary:
             raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)

@@ -37,6 +37,8 @@ class ModelOnWorker:
     queue_depth: int | None = None
     est_wait_ms: float | None = None
     """This model's own queue figures; ``None``: the worker sent only worker-wide ones."""
+    refused: dict[str, Any] | None = None
+    """The version the registry names that this worker refused (``version``, ``error``), if any."""
 
 
 def read_models(header: dict[str, Any]) -> dict[str, ModelOnWorker]:
@@ -54,6 +56,7 @@ def read_models(header: dict[str, Any]) -> dict[str, ModelOnWorker]:
             loaded=bool(m.get("loaded", True)),
             queue_depth=None if depth is None else int(depth),
             est_wait_ms=None if wait is None else float(wait),
+            refused=m.get("refused") if isinstance(m.get("refused"), dict) else None,
         )
     return out
 
@@ -129,4 +132,4 @@ class WorkerConn:
         """This worker in a model's ``/v1/models`` entry."""
         m = self.models.get(model) or ModelOnWorker()
         return {"endpoint": self.endpoint, "alive": self.alive, "live": m.live, "versions": m.resident,
-                "loaded": m.loaded}  # fmt: skip
+                "loaded": m.loaded, "refused": m.refused}  # fmt: skip

@@ -34,6 +34,11 @@ MODEL_INFO = Gauge(
     "tandem_model_info", "Model versions resident on this worker (1 = live)", ["model", "version", "device"]
 )
 SWAPS = Counter("tandem_model_swaps_total", "Model version swaps", ["model", "result"])
+REFUSED = Gauge(
+    "tandem_model_version_refused",
+    "1 while the registry points at a version this worker refused to serve (it failed to load or check)",
+    ["model", "version"],
+)
 LOAD_SECONDS = Histogram(
     "tandem_model_load_seconds",
     "Download, load, warm and check of a version",

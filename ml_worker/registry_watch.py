@@ -88,6 +88,7 @@ class ModelWatch:
             return None
         self._warned_missing = False
         if self._is_live(ref):
+            self._clear_refusal()  # the pointer went back to what serves: nothing is refused any more
             return None
         attempts, next_try = self._failures.get(ref.version, (0, 0.0))
         if time.monotonic() < next_try:
@@ -105,6 +106,7 @@ class ModelWatch:
             backoff = min(MAX_BACKOFF_S, self.poll_interval * 2 ** min(attempts, 32))
             self._failures[ref.version] = (attempts, time.monotonic() + backoff)
             metrics.SWAPS.labels(slot.name, "failed").inc()
+            self._refuse(ref.version, exc, attempts, backoff)
             logger.error(
                 "version %s of %s not swapped in (attempt %d, next try in %.0f s): %s",
                 ref.version,
@@ -115,6 +117,7 @@ class ModelWatch:
             )
             return None
         self._failures.pop(ref.version, None)
+        self._clear_refusal()
         # Loading can take minutes: if the operator moved the pointer meanwhile (a rollback of the very
         # version being loaded, say), what was asked for then must not go live now.
         try:
@@ -133,6 +136,20 @@ class ModelWatch:
             return None
         self._swap(loaded, time.monotonic() - t0)
         return loaded
+
+    def _refuse(self, version: str, exc: Exception, attempts: int, backoff: float) -> None:
+        slot = self.slot
+        if slot.refused is not None and slot.refused["version"] != version:
+            metrics.remove_series(metrics.REFUSED, slot.name, slot.refused["version"])
+        message = getattr(exc, "message", None) or f"{exc.__class__.__name__}: {exc}"
+        slot.refused = {"version": version, "error": message[:2000], "attempts": attempts, "retry_in_s": backoff}
+        metrics.REFUSED.labels(slot.name, version).set(1)
+
+    def _clear_refusal(self) -> None:
+        slot = self.slot
+        if slot.refused is not None:
+            metrics.remove_series(metrics.REFUSED, slot.name, slot.refused["version"])
+            slot.refused = None
 
     def _is_live(self, ref: registry.VersionRef) -> bool:
         """Whether ``ref`` already serves here, in memory or unloaded to save it."""

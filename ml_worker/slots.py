@@ -68,6 +68,9 @@ class ModelSlot:
         self.loading = False
         self.leaving = False
         """Its alias was removed (``*`` mode): no new requests; it is dropped once idle."""
+        self.refused: dict[str, Any] | None = None
+        """The version the registry names that failed to load here, and why (heartbeats carry it, so
+        ``/v1/models``, ``tandem models`` and ``tandem up`` show it); ``None`` when none failed."""
 
     # -- versions ------------------------------------------------------------------------------------
 
@@ -177,6 +180,7 @@ class ModelSlot:
             "loaded": self.live is not None,
             "queue_depth": self.batcher.depth + sum(p.rows for p in self.waiting),
             "est_wait_ms": self.batcher.estimated_wait_s(now) * 1000,
+            **({"refused": self.refused} if self.refused else {}),
         }
 
     def close(self) -> None:
@@ -186,4 +190,6 @@ class ModelSlot:
             self._free(self.live.version)
             self.live = None
         self.unloaded = None
+        if self.refused is not None:
+            metrics.remove_series(metrics.REFUSED, self.name, self.refused["version"])
         metrics.forget_model(self.name)

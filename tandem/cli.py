@@ -350,6 +350,12 @@ def models(
             serving = [w["endpoint"] for w in workers or [] if w.get("live") == v.version]
             where = f"  served by: {', '.join(serving)}" if serving else ""
             typer.echo(f"{n} v{v.version:<4} aliases: {','.join(v.aliases) or '-':<12} tags: {tags}{where}")
+            for w in workers or []:
+                refused = w.get("refused") or {}
+                if refused.get("version") == v.version:
+                    typer.echo(
+                        f"    refused by {w['endpoint']} (attempt {refused.get('attempts')}): {refused.get('error')}"
+                    )
     if served is None:
         typer.echo("(no running app server found: pass --app-url to see which workers serve what)")
 
@@ -383,7 +389,13 @@ def _workers_of(served: list[dict[str, Any]], name: str) -> list[dict[str, Any]]
     if entry is None:
         return []
     return [
-        {"endpoint": w["endpoint"], "alive": w["alive"], "live": w.get("live"), "resident": w.get("versions")}
+        {
+            "endpoint": w["endpoint"],
+            "alive": w["alive"],
+            "live": w.get("live"),
+            "resident": w.get("versions"),
+            "refused": w.get("refused"),
+        }
         for w in entry["workers"]
     ]
 

@@ -71,6 +71,8 @@ class Stack:
     app_flags: dict[str, str] = field(default_factory=dict)
     children: list[Child] = field(default_factory=list)
     _stopping: bool = False
+    _next_refusal_check: float = 0.0
+    _refusals_shown: set[tuple[str, str, str]] = field(default_factory=set)
     _expected: list[str] = field(default_factory=list)
     """Models the ready message waits for: those named, or those with the alias when the stack started."""
 
@@ -187,18 +189,45 @@ class Stack:
             if self._get("/readyz")[0] == 200 and self._all_served():
                 self._print_ready(time.monotonic() - t0)
                 return True
+            self._report_refusals()
             time.sleep(0.2)
         if not self._stopping:
             logger.error("stack not ready after %.0f s", READY_TIMEOUT_S)
         return False
+
+    def _report_refusals(self) -> None:
+        """Say on the console, once each, which model version a worker refused and why: the operator
+        is looking here, not at a worker's JSON log (checked at most every 2 s)."""
+        now = time.monotonic()
+        if now < self._next_refusal_check:
+            return
+        self._next_refusal_check = now + 2.0
+        status, body = self._get("/v1/models")
+        if status != 200:
+            return
+        for m in json.loads(body)["models"]:
+            for w in m.get("workers") or []:
+                refused = w.get("refused")
+                if not refused or (key := (m["name"], refused["version"], w["endpoint"])) in self._refusals_shown:
+                    continue
+                self._refusals_shown.add(key)
+                serving = f"v{w['live']} keeps serving" if w.get("live") else "nothing serves it yet"
+                print(
+                    f"\n  ! {m['name']} v{refused['version']} refused by {w['endpoint']} ({serving}; retried "
+                    f"with back-off):\n    {refused['error']}\n",
+                    flush=True,
+                )
 
     def _all_served(self) -> bool:
         """Every expected model has a live version (with ``*``, ``/readyz`` is ready with the first)."""
         status, body = self._get("/v1/models")
         if status != 200:
             return False
-        live = {m["name"] for m in json.loads(body)["models"] if m.get("version")}
-        return all(name in live for name in self._expected)
+        models = json.loads(body)["models"]
+        # A model whose version every worker refused is settled too: the console said why, and the
+        # other models should not wait on it.
+        settled = {m["name"] for m in models if m.get("version") or any(w.get("refused") for w in m["workers"])}
+        return all(name in settled for name in self._expected)
 
     def _print_ready(self, elapsed: float) -> None:
         status, body = self._get("/v1/models")
@@ -211,6 +240,9 @@ class Stack:
             "Ctrl-C stops everything)\n"
         ]
         for info in served:
+            if not info.get("version"):
+                lines.append(f"  # {info['name']}: not served (refused, see above)\n")
+                continue
             example = (info.get("input_example") or [{}])[0]
             payload = json.dumps({"instances": [example]})
             lines.append(f"  # {info['name']} v{info.get('version')}")
@@ -222,6 +254,7 @@ class Stack:
 
     def _supervise(self) -> None:
         while not self._stopping:
+            self._report_refusals()
             now = time.monotonic()
             for child in self.children:
                 code = child.exited

@@ -170,6 +170,40 @@ def test_a_version_that_cannot_load_leaves_the_old_one_serving(served: Served, t
         )  # fmt: skip
         r = httpx.post(f"{served.app.url}/v1/models/skpipe/predict", json={"instances": as_json(rows_for("skpipe", 3))})
         assert r.status_code == 200 and r.json()["model_version"] == good.version
-        assert "cannot load" in served.worker.log() or "MLflow cannot" in served.worker.log()
+        assert served.worker.counter("tandem_model_version_refused", model="skpipe", version=bad.version) == 1
+
+        def refused() -> dict | None:
+            entry = next(m for m in models(served.app) if m["name"] == "skpipe")
+            return entry["workers"][0]["refused"]
+
+        wait_for(lambda: refused() is not None, 10, what="the refusal in /v1/models")
+        assert refused()["version"] == bad.version and "MLflow cannot load" in refused()["error"]
     finally:
         client.set_registered_model_alias("skpipe", "production", good.version)
+    wait_for(lambda: refused() is None, 10, what="the refusal cleared once the alias points back")
+    assert served.worker.counter("tandem_model_version_refused", model="skpipe", version=bad.version) == 0
+
+
+def test_v2_columns_answer_as_predict_does(served: Served) -> None:
+    """The Open Inference Protocol: one 1-D tensor per column, as tritonclient or MLServer send a frame."""
+    df = rows_for("skproba", 5)
+    types = {"amount": "FP64", "age": "INT64", "channel": "BYTES", "is_international": "BOOL"}
+    body = {
+        "inputs": [
+            {"name": c, "datatype": t, "shape": [len(df)], "data": [as_json(df)[i][c] for i in range(len(df))]}
+            for c, t in types.items()
+        ]
+    }
+    r = httpx.post(f"{served.app.url}/v2/models/skproba/infer", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    (out,) = r.json()["outputs"]
+    assert out["datatype"] == "FP64" and out["shape"] == [5, 2]
+    want = np.asarray(mlflow_predict(served.uri, "skproba", df))
+    np.testing.assert_array_equal(np.asarray(out["data"]).reshape(5, 2), want)
+    body["inputs"][2]["datatype"] = "FP64"
+    r = httpx.post(f"{served.app.url}/v2/models/skproba/infer", json=body, timeout=30)
+    assert r.status_code == 400 and "inputs[2]" in r.json()["error"], r.text
+    labels = httpx.post(f"{served.app.url}/v2/models/bands/infer", json={**body, "inputs": [
+        {**t, "datatype": types[t["name"]]} for t in body["inputs"]]}, timeout=30).json()  # fmt: skip
+    band = next(o for o in labels["outputs"] if o["name"] == "band")
+    assert band["datatype"] == "BYTES" and set(band["data"]) <= {"low", "medium", "high"}
