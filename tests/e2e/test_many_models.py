@@ -110,8 +110,9 @@ def test_v1_models_lists_both_with_their_own_schema_example_and_worker(served):
         assert m["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 35 + (name == "other")]}]
         assert m["outputs"][0]["name"] == "probability" and m["device"] == "cpu"
         assert m["workers"] == [
-            {"endpoint": served.workers[name].endpoint, "alive": True, "live": "1", "versions": ["1"], "loaded": True}
-        ]
+            {"endpoint": served.workers[name].endpoint, "alive": True, "live": "1", "versions": ["1"], "loaded": True,
+             "refused": None}
+        ]  # fmt: skip
         r = httpx.post(f"{served.plain.url}/v1/models/{name}/predict", json={"instances": m["input_example"]})
         assert r.status_code == 200 and len(r.json()["predictions"]) == len(m["input_example"]), r.text
         assert httpx.get(f"{served.plain.url}/v1/models/{name}").json() == m

@@ -9,7 +9,7 @@ import numpy as np
 from ml_worker.batcher import Pending, SimpleBatcher
 from ml_worker.residency import MB, Residency
 from ml_worker.slots import ModelSlot
-from ml_worker.versions import LoadedVersion
+from ml_worker.versions import LoadedVersion, WireInput
 from shared.features import FeatureSpec, NumericFeature
 from shared.model_targets import ModelTarget
 
@@ -35,7 +35,9 @@ def slot(name: str, mb: float, *, used: float, version: str = "1") -> ModelSlot:
 
 
 def version_of(name: str, version: str, mb: float) -> LoadedVersion:
-    v = LoadedVersion(name, version, StandIn(), SPEC, {"instances": [{"x": 1.0}]}, Path("/nowhere"))
+    v = LoadedVersion(
+        name, version, StandIn(), SPEC, {"instances": [{"x": 1.0}]}, Path("/nowhere"), WireInput("input", 1)
+    )
     v.size_bytes = int(mb * MB)
     return v
 
@@ -52,7 +54,7 @@ def test_least_recently_used_idle_model_goes_first_and_only_as_many_as_needed() 
     assert over == 0
     assert b.live is None and a.live is not None and c.live is not None
     assert b.unloaded is not None and b.live_version == "1"  # still served: loaded again on demand
-    assert b.describe(None) is not None and b.spec is SPEC
+    assert b.describe(None) is not None and b.unloaded.wire_input.width == SPEC.width
 
 
 def test_previous_versions_go_before_any_live_one() -> None:
