@@ -207,3 +207,13 @@ def test_v2_columns_answer_as_predict_does(served: Served) -> None:
         {**t, "datatype": types[t["name"]]} for t in body["inputs"]]}, timeout=30).json()  # fmt: skip
     band = next(o for o in labels["outputs"] if o["name"] == "band")
     assert band["datatype"] == "BYTES" and set(band["data"]) <= {"low", "medium", "high"}
+
+
+def test_openapi_documents_each_signature_models_columns(served: Served) -> None:
+    doc = httpx.get(f"{served.app.url}/openapi.json", timeout=30).json()
+    body = doc["paths"]["/v1/models/skpipe/predict"]["post"]["requestBody"]["content"]["application/json"]
+    ref = body["schema"]["properties"]["instances"]["items"]["$ref"].split("/")[-1]
+    instance = doc["components"]["schemas"][ref]
+    assert set(instance["required"]) == {"amount", "age", "channel", "is_international"}
+    assert instance["additionalProperties"] is False
+    assert body["example"]["instances"], "the logged input example documents the body"
