@@ -342,8 +342,9 @@ def torchscript_folder(
         with torch.inference_mode():
             result = module(torch.from_numpy(x))
     except Exception as exc:
+        last = str(exc).strip().splitlines()[-1]  # TorchScript prefixes its own traceback
         raise RegisterError(
-            f"running {path.name} on the example ({len(instances)}x{spec.width}) failed: {exc}"
+            f"running {path.name} on the example ({len(instances)}x{spec.width}) failed: {last}"
         ) from None
     if not isinstance(result, torch.Tensor):
         raise RegisterError(f"{path.name} returns {type(result).__name__}; Tandem serves a module returning one tensor")
@@ -353,7 +354,7 @@ def torchscript_folder(
     for f in _extra_files(out / "extra_files", spec, instances, predictions_from(result.numpy())):
         logger.debug("wrote %s", f)
     meta = Model()
-    meta.add_flavor("torchscript", model_file="model.pt", torch_version=torch.__version__)
+    meta.add_flavor("torchscript", model_file="model.pt", torch_version=str(torch.__version__))
     meta.save(str(out / "MLmodel"))
     return out
 

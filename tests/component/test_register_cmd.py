@@ -132,6 +132,23 @@ def test_an_example_the_app_would_refuse_is_refused(reg, tmp_path):
     assert "bad-example" not in reg.names()
 
 
+def test_torchscript_with_spec_registers_and_loads(reg, tmp_path):
+    import torch
+
+    torch.manual_seed(0)
+    module = torch.jit.script(torch.nn.Sequential(torch.nn.Linear(reg.spec.width, 1), torch.nn.Sigmoid()))
+    module.save(str(tmp_path / "m.pt"))
+    code, out = reg.register(str(tmp_path / "m.pt"), "--name", "scripted", "--spec", str(reg.spec_file))
+    assert code == 0, out
+    assert "checked as a worker loads it (torchscript) on 3 example instances" in out
+    assert served(reg, "scripted", tmp_path).runner.output_names == ["probability"]
+    narrow = torch.jit.script(torch.nn.Linear(reg.spec.width - 1, 1))
+    narrow.save(str(tmp_path / "narrow.pt"))
+    code, out = reg.register(str(tmp_path / "narrow.pt"), "--name", "scripted", "--spec", str(reg.spec_file))
+    assert code == 1 and "shapes cannot be multiplied" in out
+    assert [v.version for v in registry.list_versions(reg.uri, "scripted")] == ["1"]
+
+
 @pytest.fixture(scope="module")
 def sklearn_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A scikit-learn pipeline saved the ordinary MLflow way (signature, input example, no Tandem file)."""
@@ -211,6 +228,14 @@ def test_demo_model_kind_xgboost_answers_as_mlflow_does(reg, tmp_path):
     readme = {"amount": 912.5, "merchant_category": "electronics", "channel": "web", "country": "NG", "hour": 3.0}
     one = to_record_batch([{c.name: readme.get(c.name) for c in loaded.columns}], loaded.runner.schema)
     assert 0.0 < float(loaded.runner.run(pa.Table.from_batches([one]))["predictions"][0]) < 1.0
+
+
+def test_demo_kind_lightgbm_loads_as_a_worker_loads_it(tmp_path):
+    pytest.importorskip("lightgbm")
+    from tandem.demo import build_trees_dir
+
+    loaded = load_version("lgbm", "1", build_trees_dir(tmp_path / "m", "lightgbm", rows=1000), device="cpu")
+    assert loaded.runner.flavour == "sklearn" and len(loaded.input_example["instances"]) == 4
 
 
 def test_demo_model_refuses_an_unknown_kind():
