@@ -109,8 +109,8 @@ def register_model(
 ) -> Registered:
     """Check ``source`` as a worker would, then register it as a new version of ``name``.
 
-    ``alias`` is pointed at the new version; without it, ``production`` is when no version has it yet
-    (so a fresh model serves at once, and a new version of a serving one waits for ``tandem promote``).
+    ``alias`` is pointed at the new version. Without it, ``production`` is, but only when no version has
+    it yet: a fresh model serves at once, and a new version of a serving one waits for ``tandem promote``.
     Raises :class:`RegisterError` (nothing registered) when the model would not serve.
     """
     if not NAME_RE.fullmatch(name):

@@ -171,6 +171,9 @@ def test_an_mlflow_folder_registers_as_it_is(reg, sklearn_folder, tmp_path):
     assert "checked as a worker loads it (sklearn) on 3 example instances" in out
     loaded = served(reg, "sk-folder", tmp_path)
     assert loaded.spec is None and [c.name for c in loaded.columns] == ["amount", "age", "channel", "is_international"]
+    code, out = reg.register(str(sklearn_folder), "--name", "sk-folder", "--spec", str(reg.spec_file))
+    assert code == 2 and "--spec and --example are for .onnx and .pt files" in out
+    assert [v.version for v in registry.list_versions(reg.uri, "sk-folder")] == ["1"]
 
 
 @pytest.mark.parametrize("broken", ["sklearn", "onnx"])
