@@ -235,3 +235,84 @@ def model_files(model_dir: Path) -> dict[str, Path]:
 
 def read_input_example(model_dir: Path) -> dict[str, Any]:
     return json.loads(model_files(model_dir)["input_example"].read_text())
+
+
+def resolve_model_uri(uri: str, model_uri: str) -> tuple[str, str | None, str | None]:
+    """Where the files of an MLflow model URI really are: ``(source, run_id, model_id)``, as a registry
+    version should record them.
+
+    ``runs:/RUN/PATH`` (a model folder among the run's artifacts, or, in MLflow 3, the model logged by
+    that run under that name), ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` (the version it names
+    now: a version must not follow an alias that moves later) and ``models:/MODEL_ID`` (a logged model).
+    Raises ``LookupError`` when nothing is there.
+    """
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    try:
+        if model_uri.startswith("runs:/"):
+            run_id, _, path = model_uri.removeprefix("runs:/").strip("/").partition("/")
+            if not run_id or not path:
+                raise LookupError(f"{model_uri}: expected runs:/RUN_ID/PATH")
+            run = c.get_run(run_id)
+            # The run's own artifacts, as MLflow 2 logged models (the client's listing would also show
+            # an MLflow 3 logged model's files, which do not live there).
+            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+            folder = f"{run.info.artifact_uri.rstrip('/')}/{path}"
+            if any(a.path.endswith("MLmodel") for a in get_artifact_repository(folder).list_artifacts()):
+                return folder, run_id, None
+            logged = c.search_logged_models(
+                experiment_ids=[run.info.experiment_id],
+                filter_string=f"source_run_id = '{run_id}' AND name = '{path}'",
+                order_by=[{"field_name": "creation_time", "ascending": False}],
+            )
+            if not logged:
+                raise LookupError(f"{model_uri}: run {run_id} has no model at {path!r}")
+            model_id = logged[0].model_id  # logged twice under one name: the newest, as MLflow picks
+            return f"models:/{model_id}", run_id, model_id
+        rest = model_uri.removeprefix("models:/").strip("/")
+        if "@" in rest:
+            mv = c.get_model_version_by_alias(*rest.split("@", 1))
+        elif "/" in rest:
+            mv = c.get_model_version(*rest.split("/", 1))
+        else:  # a logged model's id
+            return f"models:/{rest}", c.get_logged_model(rest).source_run_id, rest
+    except MlflowException as exc:
+        raise LookupError(f"{model_uri}: {exc.message}") from None
+    model_id = getattr(mv, "model_id", None) or (mv.source.removeprefix("models:/") if _logged(mv.source) else None)
+    return mv.source, mv.run_id, model_id
+
+
+def _logged(source: str) -> bool:
+    """Whether a version's source is an MLflow 3 logged model (``models:/m-...``), which needs its id."""
+    return source.startswith("models:/") and "/" not in source.removeprefix("models:/")
+
+
+def register_source(
+    uri: str,
+    name: str,
+    source: str,
+    *,
+    run_id: str | None = None,
+    model_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    description: str = "",
+    alias_if_first: str | None = "production",
+) -> VersionRef:
+    """Register files already in the registry's store (see :func:`resolve_model_uri`) as a new version of
+    ``name``, without copying them, keeping the run they came from. Aliases as :func:`register`."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    try:
+        c.create_registered_model(name)
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+            raise
+    mv = c.create_model_version(
+        name, source=source, run_id=run_id, tags=tags or {}, description=description, model_id=model_id
+    )
+    if alias_if_first and resolve_alias(uri, name, alias_if_first) is None:
+        c.set_registered_model_alias(name, alias_if_first, mv.version)
+    return _ref(c.get_model_version(name, mv.version))

@@ -1,14 +1,17 @@
-"""The demo models: small classifiers (fraud, churn; ``demo_data.py``) trained in PyTorch on synthetic data.
+"""The demo models: small classifiers (fraud, churn; ``demo_data.py``) trained on synthetic data.
 
-Training encodes its data with the same :class:`shared.features.Encoder` the app server uses, then
-exports ONNX with a dynamic batch axis and writes an MLflow model folder carrying the feature spec and
-an input example with the outputs ONNX Runtime gives for it. Everything is derived from ``seed``.
+``network`` (the default kind): a PyTorch network trained on the data encoded by the same
+:class:`shared.features.Encoder` the app server uses, exported to ONNX with a dynamic batch axis, written
+as an MLflow model folder carrying the feature spec and an input example with the outputs ONNX Runtime
+gives for it. ``xgboost``, ``lightgbm``, ``sklearn``: gradient-boosted trees in a scikit-learn pipeline
+over the same raw fields, saved the ordinary MLflow way (a signature and an input example, no Tandem
+file), so the same JSON instance can be sent to both and the answers compared. Everything is derived
+from ``seed``.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -17,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from shared import registry
+from shared.errors import TandemError
 from shared.features import FeatureSpec, predictions_from
 from tandem.demo_data import DATASETS
 
@@ -25,6 +29,14 @@ logger = logging.getLogger(__name__)
 SIZES = {"small": (256, 256), "large": (2048, 2048, 2048, 2048)}
 DEFAULT_NAMES = {("fraud", "small"): "demo", ("fraud", "large"): "demo-large", ("churn", "small"): "churn"}
 """Registered names of the demo models (``tandem up`` serves ``demo`` and ``churn``)."""
+KINDS = ("network", "xgboost", "lightgbm", "sklearn")
+TREES_EXTRA = "pip install 'tandem-serve[trees]'"
+
+
+class MissingDependency(TandemError):
+    """A demo kind whose library is not installed."""
+
+    code = "missing_dependency"
 
 
 def train(
@@ -110,30 +122,17 @@ def build_model_dir(
     dataset: str = "fraud",
 ) -> Path:
     """Train and write an MLflow ONNX model folder with Tandem's extra files into ``out``."""
-    import mlflow.onnx
     import onnx
     import onnxruntime as ort
+
+    from tandem.register import save_onnx_folder
 
     model, spec, cols = train(size, seed=seed, variant=variant, rows=rows, epochs=epochs, dataset=dataset)
     onnx_bytes = export_onnx(model, spec.width)
     instances = example_instances(cols)
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     expected = session.run(None, {"input": spec.encoder.encode(instances)})[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_path = Path(tmp) / registry.FEATURE_SPEC
-        spec_path.write_text(spec.to_json())
-        example_path = Path(tmp) / registry.INPUT_EXAMPLE
-        example_path.write_text(
-            json.dumps({"instances": instances, "predictions": predictions_from(expected)}, indent=2)
-        )
-        mlflow.onnx.save_model(
-            onnx.load_from_string(onnx_bytes),
-            str(out),
-            save_as_external_data=False,
-            extra_files=[str(spec_path), str(example_path)],
-            pip_requirements=["onnxruntime"],
-        )
-    return out
+    return save_onnx_folder(onnx.load_from_string(onnx_bytes), spec, instances, predictions_from(expected), out)
 
 
 def register_demo(
@@ -147,20 +146,126 @@ def register_demo(
     name: str | None = None,
     dataset: str = "fraud",
     alias_if_first: str | None = "production",
+    kind: str = "network",
 ) -> registry.VersionRef:
+    """Train, write and register a demo model; a tree kind is first checked as a worker loads it (its
+    folder is not a Tandem one, so this is where a pipeline MLflow cannot serve would show)."""
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {sorted(DATASETS)}, not {dataset!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
     name = name or DEFAULT_NAMES.get((dataset, size)) or f"{dataset}-{size}"
     with tempfile.TemporaryDirectory() as tmp:
-        folder = build_model_dir(
-            Path(tmp) / "model", size, seed=seed, variant=variant, rows=rows, epochs=epochs, dataset=dataset
-        )
-        tags = {"size": size, "seed": str(seed), "variant": str(variant).lower(), "dataset": dataset}
+        out = Path(tmp) / "model"
+        if kind == "network":
+            folder = build_model_dir(out, size, seed=seed, variant=variant, rows=rows, epochs=epochs, dataset=dataset)
+        else:
+            from tandem.register import check
+
+            folder = build_trees_dir(out, kind, seed=seed, variant=variant, rows=rows, dataset=dataset)
+            check(name, folder)
+        tags = {"size": size, "seed": str(seed), "variant": str(variant).lower(), "dataset": dataset, "kind": kind}
         return registry.register(
             uri,
             name,
             folder,
             tags=tags,
-            description=f"Tandem demo {dataset} model ({size}, seed {seed})",
+            description=f"Tandem demo {dataset} model ({kind}, {size}, seed {seed})",
             alias_if_first=alias_if_first,
         )
+
+
+def fill_defaults(frame: Any, defaults: dict[str, Any], booleans: list[str]) -> Any:
+    """The tree pipelines' first step: a field left out of a request (optional in the signature) takes its
+    feature spec default, as the network's encoder gives it, and booleans become 0/1 for the trees.
+
+    A module-level function so the saved pipeline names it: skops loads only names it was told to trust.
+    """
+    return frame.fillna(defaults).astype({b: "float64" for b in booleans})
+
+
+def train_trees(
+    kind: str, *, seed: int = 7, variant: bool = False, rows: int | None = None, dataset: str = "fraud"
+) -> tuple[Any, FeatureSpec, Any]:
+    """A pipeline (defaults, one-hot text, gradient-boosted trees) fitted on the raw columns; returns it,
+    the spec of the same data (for its defaults) and the raw frame."""
+    import pandas as pd
+    from sklearn.compose import ColumnTransformer
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import FunctionTransformer, OneHotEncoder
+
+    synthesize, make_spec = DATASETS[dataset]
+    cols, labels = synthesize(rows or 20_000, np.random.default_rng(seed), variant=variant)
+    spec = make_spec(cols)
+    frame = pd.DataFrame(cols)
+    defaults = {f.name: f.default for f in spec.features if f.default is not None}
+    booleans = [f.name for f in spec.features if f.type == "boolean"]
+    text = [f.name for f in spec.features if f.type in ("categorical", "hashed")]
+    steps = [
+        ("defaults", FunctionTransformer(fill_defaults, kw_args={"defaults": defaults, "booleans": booleans})),
+        (
+            "columns",
+            ColumnTransformer(
+                [("text", OneHotEncoder(handle_unknown="ignore", sparse_output=False), text)], remainder="passthrough"
+            ),
+        ),
+        ("trees", _trees(kind, seed)),
+    ]
+    return Pipeline(steps).fit(frame, labels), spec, frame
+
+
+def _trees(kind: str, seed: int) -> Any:
+    """XGBoost and LightGBM with a logistic objective, whose ``predict`` is the probability of the positive
+    class (one number, like the network's); one thread each, as a worker pins them."""
+    try:
+        if kind == "xgboost":
+            import xgboost
+
+            return xgboost.XGBRegressor(
+                objective="binary:logistic", n_estimators=100, max_depth=4, n_jobs=1, random_state=seed
+            )
+        if kind == "lightgbm":
+            import lightgbm
+
+            return lightgbm.LGBMRegressor(
+                objective="binary", n_estimators=100, num_leaves=15, n_jobs=1, random_state=seed, verbose=-1
+            )
+    except ImportError as exc:
+        raise MissingDependency(f"--kind {kind} needs the {exc.name} package: {TREES_EXTRA}") from None
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    return HistGradientBoostingClassifier(max_iter=100, max_depth=4, random_state=seed)
+
+
+def build_trees_dir(
+    out: Path, kind: str, *, seed: int = 7, variant: bool = False, rows: int | None = None, dataset: str = "fraud"
+) -> Path:
+    """Train a tree demo and save it with ``mlflow.sklearn``: the signature takes the raw fields, those with
+    a spec default optional (so an instance the network takes is taken here too); the input example is
+    the network demo's. ``sklearn`` answers ``predict_proba``: [P(no), P(yes)]."""
+    import mlflow.sklearn
+    import skops.io
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types import ColSpec, Schema
+
+    pipeline, spec, frame = train_trees(kind, seed=seed, variant=variant, rows=rows, dataset=dataset)
+    predict_fn = "predict_proba" if kind == "sklearn" else "predict"
+    example = frame.head(4)
+    inferred = infer_signature(example, getattr(pipeline, predict_fn)(example))
+    optional = {f.name for f in spec.features if f.default is not None}
+    inputs = Schema([ColSpec(c.type, c.name, required=c.name not in optional) for c in inferred.inputs.inputs])
+    mlflow.sklearn.save_model(
+        pipeline,
+        str(out),
+        signature=ModelSignature(inputs, inferred.outputs),
+        input_example=example,
+        pyfunc_predict_fn=predict_fn,
+        pip_requirements=["mlflow", "scikit-learn", "pandas", "skops", "tandem-serve", *_packages(kind)],
+        # Built here from known parts, so every type in it is trusted (our fill_defaults, the tree classes).
+        skops_trusted_types=skops.io.get_untrusted_types(data=skops.io.dumps(pipeline)),
+    )
+    return out
+
+
+def _packages(kind: str) -> list[str]:
+    return {"xgboost": ["xgboost"], "lightgbm": ["lightgbm"]}.get(kind, [])
