@@ -221,3 +221,34 @@ def test_registry_outage_never_stops_serving_and_recovery_picks_up_a_promotion(s
         server.terminate()
         server.wait(10)
     assert np.isfinite(httpx.post(f"{a.url}/predict", content=BODY).json()["predictions"][0])
+
+
+@pytest.fixture(scope="module")
+def xgb_dir(tmp_path_factory) -> Path:
+    """The fraud demo as XGBoost trees in a scikit-learn pipeline, logged with MLflow's own flavour and
+    no feature spec: served from its signature, the same raw fields as the network takes."""
+    pytest.importorskip("xgboost")
+    from tandem.demo import build_trees_dir
+
+    return build_trees_dir(tmp_path_factory.mktemp("xgb") / "model", "xgboost", rows=3000)
+
+
+def test_promote_from_onnx_to_xgboost_under_load_fails_nothing(stack, reg, xgb_dir):
+    """Another format and another input path (a signature, Arrow tables on the wire) for the same model:
+    requests the app validated for v1's feature spec finish on v1, the rest are re-validated for v2."""
+    w = stack.worker(reg, "--poll-interval", POLL)
+    a = stack.app([w.endpoint])
+    wait_ready(a)
+    thread, load = in_background(openloop.run, f"{a.url}/predict", BODY, 60, 12.0, timeout_ms=3000)
+    time.sleep(1.5)
+    v2 = registry.register(reg, "demo", xgb_dir, alias_if_first=None)
+    registry.set_alias(reg, "demo", "production", v2.version)
+    thread.join(40)
+    assert load["errors"] == {}, load
+    assert load["ok"] == load["sent"] > 300
+    assert set(load["versions"]) == {"1", "2"}, load["versions"]
+    entry = httpx.get(f"{a.url}/v1/models/demo").json()
+    assert entry["version"] == "2" and entry["flavour"] == "sklearn" and entry["feature_spec"] is None
+    r = httpx.post(f"{a.url}/predict", content=BODY, headers={"content-type": "application/json"})
+    assert r.status_code == 200 and 0.0 <= r.json()["predictions"][0] <= 1.0, r.text
+    assert w.counter("tandem_worker_requests_total", model="demo", outcome="bad_request") == 0
