@@ -20,6 +20,7 @@ import pytest
 import zmq
 from procs import WorkerProc, wait_for, worker
 
+from loadtest.engine import cuda_problem
 from shared import protocol, registry
 from shared.features import load_spec
 from shared.protocol import Kind
@@ -28,19 +29,6 @@ from shared.settings import home_registry_uri
 TOLERANCE = {"cpu": {"rtol": 1e-5, "atol": 1e-6}, "cuda": {"rtol": 0.0, "atol": 1e-3}}
 """Answers against a CPU session: the same kernels on the CPU; on CUDA, other kernels (and TF32 matrix
 products, which ONNX Runtime's CUDA provider may use) move a probability by up to about 1e-4 here."""
-
-
-def cuda_problem() -> str | None:
-    """Why ONNX Runtime cannot run a model on CUDA here, or None when it can (a real session is opened:
-    the package lists the CUDA provider even where no GPU or no CUDA library is found)."""
-    from ml_worker.runners import warm_runtime
-    from shared.errors import ModelError
-
-    try:
-        warm_runtime("cuda")
-    except ModelError as exc:
-        return exc.message
-    return None
 
 
 @pytest.fixture(scope="session")
