@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     device = engine.resolve_device(args.device)
     plan = PLANS["quick"] if args.quick else PLANS[device]
     if args.models:
-        plan = Plan(**{**plan.__dict__, "models": tuple(m for m in args.models.split(",") if m)})
+        plan = dataclasses.replace(plan, models=tuple(m for m in args.models.split(",") if m))
     args.out.mkdir(parents=True, exist_ok=True)
     check = Check(device, args.device, plan, args.out, t0 + args.budget_s)
     check.result.update(
@@ -301,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         quick=args.quick,
         budget_s=args.budget_s,
         gpu=gpu_info(),
-        cuda_problem=None if device == "cuda" else engine.cuda_problem(),
+        machine=bench.machine(set(), os.sched_getaffinity(0)),  # measured again once the CPUs are split
+        cuda_problem=engine.cuda_problem(),
         install=read_json(args.install_report),
         tests=None,
         models=[],
@@ -323,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
                 if go:
                     tests.update(run_tests(check))
             check.result["tests"] = tests or None
+        if device == "cuda" and check.result["cuda_problem"]:
+            check.result["errors"].append(f"no CUDA session opens: {check.result['cuda_problem']}")
+            check.result["skipped"].append("bench: nothing to measure on CUDA")
+            return finish(check, args.out)
         ctx = bench.bench_context(True, device=device)
         ctx.update(step_s=plan.http_step_s, warmup_s=plan.http_warmup_s, max_steps=plan.http_max_steps)
         check.result["machine"] = ctx["machine"]
@@ -331,11 +337,14 @@ def main(argv: list[str] | None = None) -> int:
             bench_model(size, check, ctx, args.home)
     except OutOfTime:
         print("[gpu_check] out of time: the figures so far are written", file=sys.stderr)
-    finally:
-        signal.alarm(0)
-        check.result["ok"] = verdict(check.result)
-        check.write()
-    print((args.out / "gpu_check.md").read_text())
+    return finish(check, args.out)
+
+
+def finish(check: Check, out: Path) -> int:
+    signal.alarm(0)
+    check.result["ok"] = verdict(check.result)
+    check.write()
+    print((out / "gpu_check.md").read_text())
     return 0 if check.result["ok"] else 1
 
 
