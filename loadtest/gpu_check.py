@@ -13,8 +13,8 @@ rarely and briefly, so everything happens in one call, in this order, each phase
    rows/s one worker serves over its wire with that batch as its largest (``served.py``), and the
    bench's HTTP search for ``baseline`` and ``tandem_adaptive``, both with the model on the device.
 
-On the CPU (``--device cpu``, or no GPU) the same code runs as a dry run; ``--quick`` makes it seconds
-long, and CI runs it so this command works the day a GPU is there. The result goes to
+On the CPU (``--device cpu``, or no GPU) the same code runs as a dry run, seconds long (``--quick``,
+which ``--full`` turns off), and CI runs it so this command works the day a GPU is there. The result goes to
 ``DIR/gpu_check.json`` and ``DIR/gpu_check.md`` after every phase, so a run cut short still reports
 what it measured; what the budget left out is listed as skipped. Exit status 0 only when the tests
 passed and every phase that ran worked on the device asked for.
@@ -280,7 +280,8 @@ def bench_model(size: str, check: Check, ctx: dict[str, Any], home: Path) -> Non
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtest.gpu_check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    ap.add_argument("--quick", action="store_true", help="seconds-long figures (the CPU dry run CI makes)")
+    ap.add_argument("--quick", action="store_true", help="seconds-long figures: the dry run, the CPU's default")
+    ap.add_argument("--full", action="store_true", help="on the CPU: the large model's figures, not the dry run")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ".tandem/gpu-check"))
     ap.add_argument("--budget-s", type=float, default=420.0, help="the whole check, tests and bench")
     ap.add_argument("--models", help="comma list of demo sizes (default: large,xlarge on CUDA; large on CPU)")
@@ -290,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     device = engine.resolve_device(args.device)
-    plan = PLANS["quick"] if args.quick else PLANS[device]
+    quick = args.quick or (device == "cpu" and not args.full)
+    plan = PLANS["quick"] if quick else PLANS[device]
     if args.models:
         plan = dataclasses.replace(plan, models=tuple(m for m in args.models.split(",") if m))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -299,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         _t0=t0,
         device=device,
         requested=args.device,
-        quick=args.quick,
+        quick=quick,
         budget_s=args.budget_s,
         gpu=gpu_info(),
         machine=bench.machine(set(), os.sched_getaffinity(0)),  # measured again once the CPUs are split
