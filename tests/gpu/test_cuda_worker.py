@@ -31,7 +31,7 @@ def test_the_worker_reports_its_device_and_answers_like_the_cpu(
     assert w.counter("tandem_model_info", model="demo", version="1", device=device) == 1
     v1 = versions["1"]
     rng = np.random.default_rng(1)
-    for n in (1, 3, 64, 100):  # 100: more rows than --max-batch-size (64), run as one batch of its own
+    for n in (1, 3, 64, 100):  # 100: more rows than --max-batch-size (64) in one request
         x = rows(rng, n, v1.width)
         client.send_infer(x)
         reply = client.recv()
@@ -39,9 +39,7 @@ def test_the_worker_reports_its_device_and_answers_like_the_cpu(
         np.testing.assert_allclose(reply.tensors["probability"], v1.expected(x), **tolerance)
 
 
-def test_batches_in_flight_each_answer_their_own_rows(
-    device, tolerance, gpu_registry, start_worker, client_for, versions
-):
+def test_batches_in_flight_each_answer_their_own_rows(tolerance, gpu_registry, start_worker, client_for, versions):
     # Three batches run at once (each held 20 ms before its model call), so the runner is entered from
     # several executor threads with batches of different sizes: on CUDA, one I/O binding and one set of
     # device buffers per size are shared by all of them.
@@ -72,7 +70,8 @@ def test_batches_in_flight_each_answer_their_own_rows(
     np.testing.assert_allclose(got, want, **tolerance)
     assert max(seen) >= 2, f"never more than one batch in flight: {sorted(set(seen))}"
     batches = w.counter("tandem_batch_size_count", model="demo")
-    assert 240 / 16 <= batches < 240, batches  # requests were batched together, up to 16 rows a batch
+    total_rows = sum(len(x) for x in sent.values())
+    assert total_rows / 16 <= batches < len(sent), batches  # requests shared batches of at most 16 rows
 
 
 def test_a_hot_swap_on_the_device_fails_nothing(device, tolerance, gpu_registry, start_worker, client_for, versions):
