@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: install
 
 bench: install
 	$(BIN)/python -m loadtest.bench --quick
+
+# On a GPU machine: install the GPU runtime, the cuda-marked tests, the bench on the GPU (docs/benchmarks.md).
+gpu-check: install
+	PYTHON=$(BIN)/python bash loadtest/gpu_check.sh $(ARGS)
 
 clean:
 	rm -rf $(VENV) .tandem .pytest_cache .ruff_cache *.egg-info

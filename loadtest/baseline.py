@@ -6,7 +6,7 @@ speaks the same JSON as Tandem's ``/predict`` and does the same work per request
 generated from the feature spec, :class:`shared.features.Encoder`, orjson), so the comparison measures
 the architecture, not a cheaper or dearer code path.
 
-    python -m loadtest.baseline --model-dir DIR --port P [--workers N] [--intra-op-threads T]
+    python -m loadtest.baseline --model-dir DIR --port P [--workers N] [--intra-op-threads T] [--device cuda]
 
 ``--workers N`` is uvicorn's own multi-process mode (the ``baseline_per_core`` configuration): N
 processes share the listening socket, each with its own copy of the model.
@@ -31,6 +31,7 @@ ENV_DIR = "TANDEM_BASELINE_MODEL_DIR"
 ENV_THREADS = "TANDEM_BASELINE_INTRA_OP_THREADS"
 ENV_NAME = "TANDEM_BASELINE_MODEL_NAME"
 ENV_VERSION = "TANDEM_BASELINE_MODEL_VERSION"
+ENV_DEVICE = "TANDEM_BASELINE_DEVICE"
 
 
 def _error(status: int, code: str, message: str) -> Response:
@@ -46,7 +47,12 @@ def create_app() -> FastAPI:
     spec = load_spec(files["feature_spec"].read_bytes())
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(os.environ.get(ENV_THREADS, "0"))
-    session = ort.InferenceSession(str(files["onnx"]), options, providers=["CPUExecutionProvider"])
+    providers = ["CPUExecutionProvider"]
+    if os.environ.get(ENV_DEVICE) == "cuda":  # the same setup on a GPU: the session on CUDA, still inline
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(str(files["onnx"]), options, providers=providers)
+    if session.get_providers()[0] != providers[0]:
+        raise RuntimeError(f"asked for {providers[0]}, ONNX Runtime gave {session.get_providers()}")
     validator: TypeAdapter[Any] = TypeAdapter(list[spec.instance_model])  # type: ignore[name-defined]
     name = os.environ.get(ENV_NAME, "demo")
     version = os.environ.get(ENV_VERSION, "1")
@@ -90,11 +96,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--intra-op-threads", type=int, default=0, help="ONNX Runtime threads per process; 0 = auto")
     ap.add_argument("--model-name", default="demo")
     ap.add_argument("--model-version", default="1")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the session runs")
     args = ap.parse_args(argv)
     os.environ[ENV_DIR] = str(args.model_dir.resolve())
     os.environ[ENV_THREADS] = str(args.intra_op_threads)
     os.environ[ENV_NAME] = args.model_name
     os.environ[ENV_VERSION] = args.model_version
+    os.environ[ENV_DEVICE] = args.device
     uvicorn.run(
         "loadtest.baseline:create_app",
         factory=True,

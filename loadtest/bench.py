@@ -35,7 +35,7 @@ from shared.features import load_spec
 from shared.settings import home_registry_uri
 
 CONFIGS = ("baseline", "baseline_per_core", "tandem_batch1", "tandem_adaptive")
-MODEL_NAMES = {"small": "demo", "large": "demo-large"}
+MODEL_NAMES = {"small": "demo", "large": "demo-large", "xlarge": "demo-xlarge"}
 
 
 def parse_cpus(text: str | None, default: set[int]) -> set[int]:
@@ -75,7 +75,8 @@ def machine(client_cpus: set[int], server_cpus: set[int]) -> dict[str, Any]:
 class Model:
     """A registered demo model, downloaded, with one request body and its encoded row."""
 
-    def __init__(self, home: Path, size: str) -> None:
+    def __init__(self, home: Path, size: str, **register: Any) -> None:
+        """``register``: keywords of ``register_demo`` for a first registration (rows, epochs)."""
         from tandem.demo import register_demo
 
         self.uri = home_registry_uri(home)
@@ -83,7 +84,7 @@ class Model:
         ref = registry.resolve_alias(self.uri, self.name, "production")
         if ref is None:
             print(f"registering {self.name} (first run only)...", file=sys.stderr)
-            ref = register_demo(self.uri, size)
+            ref = register_demo(self.uri, size, **register)
         self.version = ref.version
         self.dir = registry.download(self.uri, ref, home / "cache")
         files = registry.model_files(self.dir)
@@ -93,10 +94,11 @@ class Model:
         self.row = load_spec(files["feature_spec"].read_bytes()).encoder.encode([instance])
 
 
-def start(config: str, model: Model, logs: Path, cpus: set[int]) -> servers.Server:
+def start(config: str, model: Model, logs: Path, cpus: set[int], device: str = "cpu") -> servers.Server:
     """Thread counts are each setup's own default, as a user would run it: ONNX Runtime's default (0, all
     cores) for the single baseline process, one thread per process for the per-core baseline (N
-    processes of N threads would oversubscribe), and the worker's own default (0) for Tandem."""
+    processes of N threads would oversubscribe), and the worker's own default (0) for Tandem. Every
+    configuration runs its model on ``device``."""
     if config in ("baseline", "baseline_per_core"):
         per_core = config == "baseline_per_core"
         return servers.start_baseline(
@@ -107,6 +109,7 @@ def start(config: str, model: Model, logs: Path, cpus: set[int]) -> servers.Serv
             workers=len(cpus) if per_core else 1,
             intra_op_threads=1 if per_core else 0,
             version=model.version,
+            device=device,
         )
     batch = 1 if config == "tandem_batch1" else 64
     return servers.start_tandem(
@@ -119,6 +122,7 @@ def start(config: str, model: Model, logs: Path, cpus: set[int]) -> servers.Serv
         max_latency_ms=10.0,
         batcher="simple" if batch == 1 else "adaptive",
         intra_op_threads=0,
+        device=device,
     )
 
 
@@ -133,7 +137,7 @@ def guess_start(config: str, ceiling: dict[str, Any], ncpus: int) -> float:
 
 
 def measure_config(config: str, model: Model, args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]:
-    server = start(config, model, ctx["logs"], ctx["server_cpus"])
+    server = start(config, model, ctx["logs"], ctx["server_cpus"], ctx.get("device", "cpu"))
     try:
         server.wait_ready()
         openloop.run(server.predict_url, model.body, 50, 1.0)  # connections, caches, JIT-free warm path
@@ -168,10 +172,11 @@ def measure_overhead(home: Path, ctx: dict[str, Any]) -> dict[str, Any]:
     """Small model, low load: p50 of /predict minus p50 of the bare session on the same encoded row."""
     small = Model(home, "small")
     threads = len(ctx["server_cpus"])
-    direct = engine.direct_p50_ms(small.onnx, small.row, ctx["server_cpus"], intra_op_threads=threads)
+    device = ctx.get("device", "cpu")
+    direct = engine.direct_p50_ms(small.onnx, small.row, ctx["server_cpus"], intra_op_threads=threads, device=device)
     out: dict[str, Any] = {"model": "small", "rate": 50.0, "direct_p50_ms": direct}
     for config in ("tandem_adaptive", "baseline"):
-        server = start(config, small, ctx["logs"], ctx["server_cpus"])
+        server = start(config, small, ctx["logs"], ctx["server_cpus"], device)
         try:
             server.wait_ready()
             s = openloop.run(server.predict_url, small.body, 50.0, 4.0, warmup_s=1.0)
@@ -185,8 +190,11 @@ def measure_overhead(home: Path, ctx: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def bench_context(quick: bool, client: str | None = None, server: str | None = None) -> dict[str, Any]:
-    """CPUs (this process pinned to the client's), step lengths and where logs go, for every measurement."""
+def bench_context(
+    quick: bool, client: str | None = None, server: str | None = None, device: str = "cpu"
+) -> dict[str, Any]:
+    """CPUs (this process pinned to the client's), step lengths, the device every configuration runs its
+    model on, and where logs go, for every measurement."""
     all_cpus = os.sched_getaffinity(0)
     client_cpus = parse_cpus(client, {min(all_cpus)})
     server_cpus = parse_cpus(server, set(all_cpus))
@@ -198,6 +206,7 @@ def bench_context(quick: bool, client: str | None = None, server: str | None = N
         "step_s": 2.5 if quick else 8.0,
         "warmup_s": 1.0 if quick else 2.0,
         "max_steps": 7 if quick else 12,
+        "device": device,
     }
 
 
@@ -214,15 +223,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
     ap.add_argument("--write-doc", action="store_true", help="update --doc even after --quick")
     ap.add_argument("--multi-model", default="", help="also: N small models on one worker, e.g. 1,2,10,50")
+    ap.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA where a session opens there"
+    )
     args = ap.parse_args(argv)
     size = "large" if args.quick else args.model
     t0 = time.monotonic()
-    ctx = bench_context(args.quick, args.client_cpus, args.server_cpus)
-    result: dict[str, Any] = {"machine": ctx["machine"], "slo_p99_ms": args.slo_p99_ms}
+    ctx = bench_context(args.quick, args.client_cpus, args.server_cpus, engine.resolve_device(args.device))
+    result: dict[str, Any] = {"machine": ctx["machine"], "slo_p99_ms": args.slo_p99_ms, "device": ctx["device"]}
     args.home.mkdir(parents=True, exist_ok=True)
     model = Model(args.home, size)
     server_cpus = ctx["server_cpus"]
-    ceiling = engine.ceiling(model.onnx, model.row, server_cpus, intra_op_threads=len(server_cpus))
+    ceiling = engine.ceiling(
+        model.onnx, model.row, server_cpus, intra_op_threads=len(server_cpus), device=ctx["device"]
+    )
     ctx["ceiling"] = ceiling
     result.update(model=model.name, quick=args.quick, engine_ceiling_rows_per_s=ceiling["rows_per_s"])
     result["engine"] = ceiling

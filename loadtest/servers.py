@@ -47,6 +47,8 @@ class Server:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
     metrics_url: str | None = None
+    worker_endpoint: str | None = None
+    """The worker's ZeroMQ endpoint, for a client that talks to it directly (``loadtest/served.py``)."""
 
     @property
     def predict_url(self) -> str:
@@ -122,11 +124,20 @@ def spawn(argv: list[str], log: Path, cpus: set[int], env: dict[str, str] | None
 
 
 def start_baseline(
-    name: str, model_dir: Path, logs: Path, cpus: set[int], *, workers: int, intra_op_threads: int, version: str
+    name: str,
+    model_dir: Path,
+    logs: Path,
+    cpus: set[int],
+    *,
+    workers: int,
+    intra_op_threads: int,
+    version: str,
+    device: str = "cpu",
 ) -> Server:
     port = free_port()
     argv = [sys.executable, "-m", "loadtest.baseline", "--model-dir", str(model_dir), "--port", str(port)]
     argv += ["--workers", str(workers), "--intra-op-threads", str(intra_op_threads), "--model-version", version]
+    argv += ["--device", device]
     server = Server(name, f"http://127.0.0.1:{port}", logs=[logs / f"{name}.log"])
     server.procs.append(spawn(argv, server.logs[0], cpus))
     return server
@@ -143,7 +154,10 @@ def start_tandem(
     max_latency_ms: float,
     batcher: str,
     intra_op_threads: int,
+    device: str = "auto",
+    worker_args: tuple[str, ...] = (),
 ) -> Server:
+    """App server + one worker (``--device``, and any other worker flags in ``worker_args``)."""
     wport, mport, aport = free_port(), free_port(), free_port()
     endpoint = f"tcp://127.0.0.1:{wport}"
     tandem = [sys.executable, "-m", "tandem"]
@@ -151,6 +165,7 @@ def start_tandem(
     worker += ["--max-batch-size", str(max_batch_size), "--max-latency-ms", str(max_latency_ms)]
     worker += ["--batcher", batcher, "--intra-op-threads", str(intra_op_threads), "--metrics-port", str(mport)]
     worker += ["--cache-dir", str(logs.parent / "cache"), "--poll-interval", "60", "--log-level", "WARNING"]
+    worker += ["--device", device, *worker_args]
     app = [*tandem, "app", "--host", "127.0.0.1", "--port", str(aport), "--worker-urls", endpoint]
     app += ["--models", models, "--default-model", models.split(",")[0], "--log-level", "WARNING"]
     server = Server(
@@ -158,6 +173,7 @@ def start_tandem(
         f"http://127.0.0.1:{aport}",
         logs=[logs / f"{name}-worker.log", logs / f"{name}-app.log"],
         metrics_url=f"http://127.0.0.1:{mport}/metrics",
+        worker_endpoint=endpoint,
     )
     env = {"TANDEM_LOG_FORMAT": "text"}
     server.procs.append(spawn(worker, server.logs[0], cpus, env))

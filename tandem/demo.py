@@ -26,8 +26,15 @@ from tandem.demo_data import DATASETS
 
 logger = logging.getLogger(__name__)
 
-SIZES = {"small": (256, 256), "large": (2048, 2048, 2048, 2048)}
-DEFAULT_NAMES = {("fraud", "small"): "demo", ("fraud", "large"): "demo-large", ("churn", "small"): "churn"}
+SIZES = {"small": (256, 256), "large": (2048, 2048, 2048, 2048), "xlarge": (4096, 4096, 4096, 4096)}
+"""Hidden layers. ``xlarge`` (about 200 MB of weights, 100 MFLOP a row) is sized for a GPU, where
+``large`` may be too small to keep one busy; loadtest/gpu_check.py registers it untrained."""
+DEFAULT_NAMES = {
+    ("fraud", "small"): "demo",
+    ("fraud", "large"): "demo-large",
+    ("fraud", "xlarge"): "demo-xlarge",
+    ("churn", "small"): "churn",
+}
 """Registered names of the demo models (``tandem up`` serves ``demo`` and ``churn``)."""
 KINDS = ("network", "xgboost", "lightgbm", "sklearn")
 TREES_EXTRA = "pip install 'tandem-serve[trees]'"

@@ -20,6 +20,17 @@ from shared.settings import home_registry_uri
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Options live here, at the tests' root: pytest reads ``pytest_addoption`` only from initial conftests."""
+    parser.addoption(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default=os.environ.get("TANDEM_TEST_DEVICE", "auto"),
+        help="where the cuda-marked tests (tests/gpu) run: cuda; cpu, the same path on the CPU; auto (default), "
+        "cuda when ONNX Runtime can open a CUDA session, else they skip. Env: TANDEM_TEST_DEVICE.",
+    )
+
+
 @dataclass
 class DemoRegistry:
     uri: str
