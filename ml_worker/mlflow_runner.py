@@ -69,7 +69,7 @@ class MLflowRunner:
         self.frame_output = False
 
     def run(self, table: Any) -> dict[str, np.ndarray]:
-        return self.outputs(self._predict(table.to_pandas()))
+        return self.outputs(self._predict(table.to_pandas(use_threads=False)))  # small tables: threads cost more
 
     def choose_call(self, frame: Any) -> None:
         """Take the direct call where the flavour allows it and it answers ``frame`` exactly as the full

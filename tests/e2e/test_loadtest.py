@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 from procs import wait_ready
 
 from loadtest import openloop, servers
@@ -67,3 +68,45 @@ def test_baseline_server_answers_like_tandem(demo_registry, tmp_path: Path):
         assert s["ok"] == s["sent"] == 50 and s["versions"] == {"1": 50}
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_formats_command_with_tiny_durations(tmp_path: Path):
+    """``python -m loadtest.formats``: every flavour's paths timed, both models served and searched. The
+    SLO is loose on purpose: this checks the plumbing and the summary, not the machine's speed."""
+    pytest.importorskip("xgboost")
+    pytest.importorskip("lightgbm")
+    from loadtest.formats import KINDS, render
+
+    out = tmp_path / "formats.json"
+    argv = [sys.executable, "-m", "loadtest.formats", "--quick", "--engine-s", "0.05", "--step-s", "0.5"]
+    argv += ["--warmup-s", "0.2", "--max-steps", "2", "--low-s", "1", "--start-rate", "50", "--slo-p99-ms", "2000"]
+    argv += ["--demo-epochs", "0", "--home", str(tmp_path / "home"), "--json", str(out)]
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=240, cwd=root)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads(out.read_text())
+    assert set(summary) >= {"machine", "engine", "served", "served_xgboost_over_onnx", "threads", "elapsed_s"}
+    assert summary["machine"]["cores"] >= 1 and summary["machine"]["loadavg_at_end"]
+    assert [k["kind"] for k in summary["engine"]] == list(KINDS)
+    for kind in summary["engine"]:
+        for batch in ("1", "64"):
+            rates = kind["rows_per_s"][batch]
+            assert {"library", "mlflow_pyfunc", "runner_pyfunc"} <= set(rates)
+            assert all(v > 0 for v in rates.values()), (kind["kind"], batch, rates)
+            if kind["kind"] != "pyfunc":  # the direct call is offered for the tree and sklearn flavours only
+                assert rates["runner_direct"] > 0
+                assert kind["ratios"][batch]["faster_call"] in ("direct", "pyfunc")
+        assert kind["chosen_call"] == ("pyfunc" if kind["kind"] == "pyfunc" else "direct")
+    xgb = next(k for k in summary["engine"] if k["kind"] == "xgboost")
+    if "onnx" in xgb["rows_per_s"]["64"]:  # onnxmltools installed: the same trees in ONNX Runtime
+        assert xgb["onnx_max_abs_diff"] < 1e-4 and xgb["ratios"]["64"]["onnx_over_library_numpy"] > 0
+    else:
+        assert "not installed" in xgb["onnx_conversion"]
+    assert [s["model"] for s in summary["served"]] == ["formats-xgboost", "demo"]
+    for s in summary["served"]:
+        assert s["max_rate"] > 0 and s["p99_ms"] <= 2000 and s["steps"]
+        assert s["low_load"]["p50_ms"] > 0 and s["low_load"]["errors"] == {}
+    assert summary["served_xgboost_over_onnx"] > 0
+    text = render(summary)
+    assert "| xgboost (direct) | 64 |" in text and "`formats-xgboost`" in text
