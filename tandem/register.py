@@ -158,7 +158,9 @@ def _served_as(loaded: Any) -> str:
     """How a worker runs it: the MLflow flavour (no feature spec), else the Tandem folder's model file."""
     if loaded.spec is None:
         return loaded.runner.flavour
-    return "onnx" if registry.model_files(loaded.model_dir)["onnx"].exists() else "torchscript"
+    from ml_worker.runners import OnnxRunner
+
+    return "onnx" if isinstance(loaded.runner, OnnxRunner) else "torchscript"  # its folder may be gone by now
 
 
 def read_spec(path: Path) -> FeatureSpec:
