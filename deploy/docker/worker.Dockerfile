@@ -23,8 +23,9 @@ ENV PATH=/opt/tandem/bin:$PATH
 ARG ORT_GPU_VERSION=1.31.1
 WORKDIR /src
 COPY . .
-# `trees` adds XGBoost and LightGBM (MLflow-flavour models, docs/models.md). `.[gpu]` adds onnxruntime-gpu, but pip also installs the CPU `onnxruntime` of the base requirements
-# (an `extra != 'gpu'` marker does not exclude it), and both write the same `onnxruntime` package.
+# `trees` adds XGBoost and LightGBM (MLflow-flavour models, docs/models.md). `gpu` adds onnxruntime-gpu,
+# but pip also installs the CPU `onnxruntime` of the base requirements (an `extra != 'gpu'` marker does
+# not exclude it), and both write the same `onnxruntime` package.
 # Remove both and reinstall only the GPU build, then fail the build if CUDA is not offered.
 RUN pip install ".[gpu,trees]" \
     && pip uninstall -y onnxruntime onnxruntime-gpu \
