@@ -86,23 +86,14 @@ def register(
     When ``name`` had no version carrying ``alias_if_first``, the new version gets that alias, so a fresh
     registry serves its first model without a separate promote step.
     """
-    from mlflow.exceptions import MlflowException
-
     c = client(uri)
     run = c.create_run(_experiment_id(c, uri), run_name=f"{name}-register")
     c.log_artifacts(run.info.run_id, str(model_dir), artifact_path="model")
     c.set_terminated(run.info.run_id)
-    try:
-        c.create_registered_model(name)
-    except MlflowException as exc:
-        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
-            raise
-    mv = c.create_model_version(
-        name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags or {}, description=description
+    source = f"{run.info.artifact_uri}/model"
+    return register_source(
+        uri, name, source, run_id=run.info.run_id, tags=tags, description=description, alias_if_first=alias_if_first
     )
-    if alias_if_first and resolve_alias(uri, name, alias_if_first) is None:
-        c.set_registered_model_alias(name, alias_if_first, mv.version)
-    return _ref(c.get_model_version(name, mv.version))
 
 
 def resolve_alias(uri: str, name: str, alias: str) -> VersionRef | None:
