@@ -76,7 +76,8 @@ def test_formats_command_with_tiny_durations(tmp_path: Path):
     SLO is loose on purpose: this checks the plumbing and the summary, not the machine's speed."""
     pytest.importorskip("xgboost")
     pytest.importorskip("lightgbm")
-    from loadtest.formats import KINDS, render
+    from loadtest.formats import KINDS
+    from loadtest.formats_report import render
 
     out = tmp_path / "formats.json"
     argv = [sys.executable, "-m", "loadtest.formats", "--quick", "--engine-s", "0.05", "--step-s", "0.5"]
