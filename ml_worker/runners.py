@@ -42,6 +42,18 @@ def join(xs: list[Any]) -> Any:
     return pa.Table.from_batches(xs)
 
 
+ORT_TYPES: dict[str, type] = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+"""numpy type of each ONNX Runtime tensor type a device output buffer may be allocated as."""
+
 MAX_CACHED_SHAPES = 256
 """Device buffer sets kept for distinct batch sizes (one per size up to ``max_batch_size``)."""
 
@@ -147,6 +159,11 @@ class OnnxRunner:
         # Per-output trailing shape, when static: lets CUDA outputs go into preallocated buffers.
         tails = [o.shape[1:] for o in self.session.get_outputs()]
         self._out_tails = [tuple(t) if all(isinstance(d, int) for d in t) else None for t in tails]
+        # Each preallocated output buffer in the type the session declares (a label output is int64):
+        # an unknown type leaves that output to the runtime, like a dynamic shape.
+        types = [ORT_TYPES.get(o.type) for o in self.session.get_outputs()]
+        self._out_tails = [t if dt is not None else None for t, dt in zip(self._out_tails, types, strict=True)]
+        self._out_types = [dt or np.float32 for dt in types]
         self._device_buffers: dict[int, tuple[Any, list[Any]]] = {}
         # One binding and one set of device buffers: with several batches in flight, two model
         # threads would overwrite each other's inputs and outputs without this.
@@ -166,7 +183,10 @@ class OnnxRunner:
             if len(self._device_buffers) >= MAX_CACHED_SHAPES:  # odd sizes of oversized requests
                 self._device_buffers.clear()
             make = self._ort.OrtValue.ortvalue_from_shape_and_type
-            outs = [make((rows, *t), np.float32, "cuda", 0) if t is not None else None for t in self._out_tails]
+            outs = [
+                make((rows, *t), dt, "cuda", 0) if t is not None else None
+                for t, dt in zip(self._out_tails, self._out_types, strict=True)
+            ]
             buffers = (make(x.shape, x.dtype, "cuda", 0), outs)
             self._device_buffers[rows] = buffers
         x_dev, outs = buffers
