@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
-from procs import free_port
+from procs import free_port, wait_for
 
 
 def _children_of(home: str, port: int) -> list[str]:
@@ -76,7 +76,12 @@ def test_up_serves_two_models_prints_a_working_curl_for_each_and_stops_cleanly(t
             assert 0.0 <= body["predictions"][0] <= 1.0
         served = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["models"]
         assert sorted(m["name"] for m in served) == ["churn", "demo"]
-        assert all(len(m["workers"]) == 2 for m in served)
+
+        def on_both_workers() -> bool:  # ready means each model has a live worker; the second may still load
+            models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["models"]
+            return all(sum(bool(w["live"]) for w in m["workers"]) == 2 for m in models)
+
+        wait_for(on_both_workers, 30, what="both models on both workers")
         # /predict serves the first model named, demo.
         first = next(argv for argv in curls if "/demo/" in argv[2])
         r = httpx.post(f"http://127.0.0.1:{port}/predict", content=first[first.index("-d") + 1])
