@@ -359,7 +359,10 @@ class ApiKeyMiddleware:
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and (refused := self.keys.check(scope)) is not None:
-            await refusal(scope, refused)(scope, receive, send)
+        if scope["type"] in ("http", "websocket") and (refused := self.keys.check(scope)) is not None:
+            if scope["type"] == "http":
+                await refusal(scope, refused)(scope, receive, send)
+            else:  # no websocket route today; one added later must not be open by accident
+                await send({"type": "websocket.close", "code": 1008})
             return
         await self.app(scope, receive, send)

@@ -207,6 +207,9 @@ def _concrete(template: dict[str, Any], model: str, key: str, body: dict[str, An
     return op
 
 
+_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+
+
 def declare_security(doc: dict[str, Any], exempt: frozenset[str]) -> dict[str, Any]:
     """The OpenAPI document with both ways to send a key, required on every operation but the exempt
     ones, and the 401 and 429 each may answer (in its prefix's error shape)."""
@@ -219,7 +222,9 @@ def declare_security(doc: dict[str, Any], exempt: frozenset[str]) -> dict[str, A
     )
     doc["security"] = [{"bearer": []}, {"apiKey": []}]
     for path, ops in doc.get("paths", {}).items():
-        for op in ops.values():
+        for method, op in ops.items():
+            if method not in _METHODS:
+                continue
             if path in exempt:
                 op["security"] = []
                 continue

@@ -26,11 +26,11 @@ def api_key(
 
     Running app servers admit it within a second or two (they re-read the file when it changes).
     """
-    from app_server.api_keys import ApiKeyFileError, new_key
+    from app_server.api_keys import new_key
 
     try:
         key = new_key(file, name, rps, burst)
-    except (ApiKeyFileError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # ApiKeyFileError is a ValueError; so is a file not UTF-8
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"API key {name!r} added to {file}; it is shown only now:", err=True)

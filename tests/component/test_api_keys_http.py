@@ -8,6 +8,7 @@ check.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import httpx
@@ -43,6 +44,8 @@ async def client(tmp_path):
     lines = [{"name": "open", "hash": hash_key("key-open")}, {"name": "slow", "hash": hash_key("key-slow"), "rps": 1}]
     path.write_text("".join(json.dumps(e) + "\n" for e in lines))
     app = create_app(AppSettings(model="demo", worker_urls="tcp://127.0.0.1:9", api_keys_file=path))
+    frozen = time.monotonic()
+    app.state.api_keys.clock = lambda: frozen  # no refill while a test runs, however slow the machine
     recorder = Recorder(app)
     fast = PredictFastPath(recorder, prediction_routes())  # type: ignore[arg-type]
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=fast), base_url="http://t") as c:

@@ -227,6 +227,21 @@ def test_the_check_looks_up_a_digest_of_the_key_never_the_key(keys, monkeypatch)
     assert "key-open" not in repr(vars(keys)) and "key-open" not in repr(list(keys._entries.values()))
 
 
+async def test_a_websocket_without_a_key_is_closed_before_the_application(keys):
+    from app_server.api_keys import ApiKeyMiddleware
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def application(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("reached the application")
+
+    await ApiKeyMiddleware(application, keys)({"type": "websocket", "path": "/ws", "headers": []}, None, send)
+    assert sent == [{"type": "websocket.close", "code": 1008}]
+
+
 # -- re-reading --------------------------------------------------------------------------------------
 
 
@@ -264,9 +279,17 @@ def test_a_reload_admits_new_keys_and_a_bad_edit_keeps_the_last_good_set(keys, c
     assert keys.check(scope(x_api_key="key-only")) is None
 
 
-async def test_the_watch_reloads_off_the_event_loop(keys):
+async def test_the_watch_reloads_off_the_event_loop(keys, monkeypatch):
     import asyncio
+    import threading
 
+    threads: list[int] = []
+
+    def recording_read(path: Path) -> Any:
+        threads.append(threading.get_ident())
+        return read_keys(path)
+
+    monkeypatch.setattr(api_keys, "read_keys", recording_read)
     task = asyncio.create_task(keys.watch(interval=0.01))
     try:
         keys.path.write_text(keys.path.read_text() + line("late", "key-late") + "\n")
@@ -275,6 +298,7 @@ async def test_the_watch_reloads_off_the_event_loop(keys):
                 break
             await asyncio.sleep(0.01)
         assert keys.check(scope(x_api_key="key-late")) is None
+        assert threads and threading.get_ident() not in threads  # the file was read in a thread
     finally:
         task.cancel()
 
