@@ -163,10 +163,9 @@ def new_key(path: Path, name: str, rps: float | None = None, burst: float | None
     does not parse (appending to it would hide the damage)."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     obj: dict[str, Any] = {"name": name, "hash": hash_key(key)}
-    if rps is not None:
-        obj["rps"] = rps
-    if burst is not None:
-        obj["burst"] = burst
+    for field, value in (("rps", rps), ("burst", burst)):
+        if value is not None:
+            obj[field] = int(value) if float(value).is_integer() else value  # 10, not 10.0
     entry = parse_entry(obj, "new key")
     path = Path(path)
     existing = path.read_text(encoding="utf-8") if path.exists() else ""
