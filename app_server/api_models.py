@@ -32,7 +32,7 @@ class ErrorInfo(_Doc):
     code: str = Field(
         description="invalid_input, too_large, model_not_found, not_found, method_not_allowed, no_workers, "
         "overloaded, model_loading, version_unavailable, feature_store_unavailable, deadline_exceeded, "
-        "model_error, protocol_error, internal_error"
+        "model_error, protocol_error, internal_error; with API keys on, unauthorized and rate_limited"
     )
     message: str
     details: list[ErrorDetail] | None = Field(None, description="Every failing field (invalid input only).")

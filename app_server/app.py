@@ -8,6 +8,7 @@ retrying in :mod:`app_server.failover`, the workers in :mod:`app_server.workers`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,6 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from app_server import v1, v2
+from app_server.api_keys import ApiKeyMiddleware, ApiKeys
 from app_server.catalog import ModelCatalog
 from app_server.error_render import error_response
 from app_server.failover import Dispatcher
@@ -54,6 +56,7 @@ def prediction_routes() -> list[APIRoute]:
 
 
 def create_app(settings: AppSettings, pool: WorkerPool | None = None) -> FastAPI:
+    api_keys = ApiKeys.from_settings(settings)  # a bad key file stops start-up here, before any socket opens
     pool = pool or WorkerPool(settings)
     feature_store = RedisFeatureStore.from_settings(settings) if settings.redis_url else None
     cache = PredictionCache.from_settings(settings)
@@ -63,9 +66,12 @@ def create_app(settings: AppSettings, pool: WorkerPool | None = None) -> FastAPI
     async def lifespan(app: FastAPI) -> Any:
         await pool.start()
         tune_gc()
+        key_watch = asyncio.create_task(api_keys.watch()) if api_keys is not None else None
         try:
             yield
         finally:
+            if key_watch is not None:
+                key_watch.cancel()
             await pool.close()
             await app.state.predictor.cache_writes_done()
             for redis_user in (feature_store, cache):
@@ -79,12 +85,15 @@ def create_app(settings: AppSettings, pool: WorkerPool | None = None) -> FastAPI
         description="Model serving: stateless app servers, batching GPU workers.",
     )
     app.state.settings = settings
+    app.state.api_keys = api_keys
     app.state.catalog = ModelCatalog(settings, pool)
     app.state.dispatcher = dispatcher
     app.state.predictor = Predictor(settings, pool, feature_store, cache, dispatcher)
     app.include_router(v1.router)
     app.include_router(v2.router)
     install_openapi(app)
+    if api_keys is not None:
+        app.add_middleware(ApiKeyMiddleware, keys=api_keys)  # inside the metrics: refusals are counted too
     app.add_middleware(MetricsMiddleware)
 
     @app.get("/metrics", include_in_schema=False)

@@ -90,9 +90,10 @@ def speaks_v2(scope: dict[str, Any]) -> bool:
     return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
 
 
-def error_response(request: Request, exc: Exception) -> Response:
+def error_response(request: Request, exc: Exception, *, log: bool = True) -> Response:
     """The answer to ``exc`` raised while serving ``request``; anything outside the exception tree is a
-    500 ``internal_error`` whose details stay in the log."""
+    500 ``internal_error`` whose details stay in the log. ``log=False``: a refusal that is counted
+    instead (API keys: a flood of bad or throttled requests must not flood the log too)."""
     headers: dict[str, str] = {}
     if isinstance(exc, RequestValidationError):
         exc = invalid_input(exc.errors())
@@ -113,9 +114,9 @@ def error_response(request: Request, exc: Exception) -> Response:
     rid = getattr(request.state, "request_id", None)
     if rid:
         headers["X-Request-ID"] = rid
-    if isinstance(exc, TandemError):
-        log = logger.warning if status < 500 or status in (503, 504) else logger.error
-        log("%s %s -> %d %s: %s", request.method, request.url.path, status, code, message, extra={"request_id": rid})
+    if log and isinstance(exc, TandemError):
+        log_at = logger.warning if status < 500 or status in (503, 504) else logger.error
+        log_at("%s %s -> %d %s: %s", request.method, request.url.path, status, code, message, extra={"request_id": rid})
     if v2:
         return json_response({"error": message}, status, headers)
     error: dict[str, Any] = {"code": code, "message": message}

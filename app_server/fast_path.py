@@ -7,8 +7,9 @@ application: a request that one of the prediction routes matches (``POST /predic
 ``/v1/models/{name}/predict``, ``/v2/models/{name}/infer``, ``/v2/models/{name}/versions/{version}/infer``)
 is matched by that very route object, handled by its endpoint, its errors rendered by
 :func:`~app_server.error_render.error_response` and counted by :func:`~app_server.http_metrics.observe`,
-exactly as the routed application would. Everything else goes through FastAPI, and OpenAPI still
-documents the prediction routes.
+exactly as the routed application would, after the same API key check
+(:meth:`~app_server.api_keys.ApiKeys.check`) the application's middleware makes. Everything else goes
+through FastAPI, and OpenAPI still documents the prediction routes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from starlette.requests import Request
 from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
+from app_server.api_keys import ApiKeys, refusal
 from app_server.error_render import error_response
 from app_server.http_metrics import observe
 
@@ -34,6 +36,7 @@ class PredictFastPath:
         self.app = app
         self.routes = tuple(routes)
         """The application's own route objects for the prediction endpoints, ``/predict`` first."""
+        self.api_keys: ApiKeys | None = getattr(app.state, "api_keys", None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -50,6 +53,10 @@ class PredictFastPath:
         scope.update(child)  # endpoint, path_params and route, as the router would set them
         scope["app"] = self.app  # what FastAPI would set: handlers find their services through it
         request = Request(scope, receive)
+        if self.api_keys is not None and (refused := self.api_keys.check(scope)) is not None:
+            await refusal(scope, refused)(scope, receive, send)
+            observe(scope, refused.http_status, t0)
+            return
         try:
             response = await route.endpoint(request, **child["path_params"])
         except Exception as exc:

@@ -45,6 +45,17 @@ FEATURE_STORE_ERRORS = Counter(
 PREDICTION_CACHE = Counter(
     "tandem_prediction_cache_total", "Prediction cache lookups per row, by result (hit, miss, error)", ["result"]
 )
+API_KEY_REQUESTS = Counter(
+    "tandem_api_key_requests_total",
+    'Requests checked against the API keys, by key name (never the key; "" when none matched) and outcome: '
+    "admitted, missing, unknown, rate_limited",
+    ["key", "outcome"],
+)
+API_KEY_RELOADS = Counter(
+    "tandem_api_key_reloads_total",
+    "Re-reads of the API key file after it changed, by result (ok; error: the last good set stays in force)",
+    ["result"],
+)
 
 _children: dict[tuple[int, tuple[str, ...]], Any] = {}
 

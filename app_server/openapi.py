@@ -11,7 +11,8 @@ the ones that govern the model's requests. The templated routes stay, with a gen
 ``*`` worker may load after the document was made. ``/predict`` documents the default model's body.
 
 The document is rebuilt when the set of (model, newest version) or the default model changes; until a
-worker describes a model it is the static one FastAPI builds from the routes.
+worker describes a model it is the static one FastAPI builds from the routes. With API keys on
+(:mod:`app_server.api_keys`) it declares both ways of sending one, and the 401 and 429 they bring.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from urllib.parse import quote
 from fastapi import FastAPI, Request, Response
 
 from app_server.catalog import ModelCatalog
+from app_server.error_render import speaks_v2
 from app_server.http_io import json_response
 from app_server.schemas import describe_instance, predict_body_schema
 from app_server.v2_tensors import infer_body_schema
@@ -59,6 +61,8 @@ def install_openapi(app: FastAPI) -> None:
                 documents.clear()
             documents[key] = with_models(static_document(app), described, default, catalog.settings.max_instances,
                                          entities=catalog.settings.redis_url is not None)  # fmt: skip
+            if (keys := getattr(app.state, "api_keys", None)) is not None:
+                declare_security(documents[key], keys.exempt)
         return json_response(documents[key])
 
 
@@ -201,3 +205,38 @@ def _concrete(template: dict[str, Any], model: str, key: str, body: dict[str, An
     op["description"] = f"{op.get('description', '')}\n\n{note}".strip()
     op["tags"] = [model]
     return op
+
+
+_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+
+
+def declare_security(doc: dict[str, Any], exempt: frozenset[str]) -> dict[str, Any]:
+    """The OpenAPI document with both ways to send a key, required on every operation but the exempt
+    ones, and the 401 and 429 each may answer (in its prefix's error shape)."""
+    components = doc.setdefault("components", {})
+    components.setdefault("securitySchemes", {}).update(
+        {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer KEY"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        }
+    )
+    doc["security"] = [{"bearer": []}, {"apiKey": []}]
+    for path, ops in doc.get("paths", {}).items():
+        for method, op in ops.items():
+            if method not in _METHODS:
+                continue
+            if path in exempt:
+                op["security"] = []
+                continue
+            error = {"$ref": f"#/components/schemas/{'ErrorV2' if speaks_v2({'path': path}) else 'ErrorV1'}"}
+            content = {"application/json": {"schema": error}}
+            op["responses"].setdefault("401", {"description": "No API key, or an unknown one.", "content": content})
+            op["responses"].setdefault(
+                "429",
+                {
+                    "description": "The key is over its requests per second. Retry after Retry-After.",
+                    "content": content,
+                    "headers": {"Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 1}}},
+                },
+            )
+    return doc

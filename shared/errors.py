@@ -87,6 +87,22 @@ class ModelLoading(TandemError):
     http_status, code, wire_status, retry_after_s = 503, "model_loading", "model_loading", 1.0
 
 
+class Unauthorized(TandemError):
+    """No API key, or one the app server does not know (``--api-keys-file``). Never on the wire."""
+
+    http_status, code = 401, "unauthorized"
+
+
+class RateLimited(TandemError):
+    """The request's API key is over its requests-per-second limit; retry after ``retry_after_s``."""
+
+    http_status, code = 429, "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 _FROM_WIRE: dict[str, type[TandemError]] = {
     "overloaded": Overloaded,
     "deadline_exceeded": DeadlineExceeded,

@@ -197,6 +197,15 @@ class AppSettings(CommonSettings):
     dns_refresh_s: float = Field(5.0, gt=0)
     """How often a ``dns+tcp://`` worker name is re-resolved."""
 
+    # -- API keys (app_server/api_keys.py) --
+    api_keys_file: Path | None = None
+    """JSON lines of hashed API keys (``{"name", "hash": "sha256:...", "rps"}``; ``tandem keys api-key``
+    adds one). Set: every route but the probes and ``/metrics`` needs a key, and each key is held to its
+    rps on this replica. Re-read when it changes; a bad file stops start-up. Unset: no keys needed."""
+
+    api_keys_protect_metrics: bool = False
+    """With ``api_keys_file``: ``/metrics`` needs a key too (off: scrapers reach it without one)."""
+
     def worker_endpoints(self) -> list[str]:
         return [u.strip() for u in self.worker_urls.split(",") if u.strip()]
 

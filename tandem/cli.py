@@ -12,6 +12,7 @@ import typer
 from shared import logs
 from shared.settings import DEFAULT_HOME, AppSettings, CommonSettings, WorkerSettings
 from tandem.features_cli import app as features_app
+from tandem.keys_cli import app as keys_app
 from tandem.spec_cli import app as spec_app
 
 app = typer.Typer(
@@ -22,6 +23,7 @@ app = typer.Typer(
 )
 app.add_typer(features_app, name="features")
 app.add_typer(spec_app, name="spec")
+app.add_typer(keys_app, name="keys")
 
 RegistryUri = Annotated[
     str | None,
@@ -119,17 +121,29 @@ def app_server(
     heartbeat_interval: Annotated[float | None, typer.Option()] = None,
     log_requests: Annotated[bool | None, typer.Option("--log-requests", help="Log every request.")] = None,
     slow_request_ms: Annotated[float | None, typer.Option(help="Log requests slower than this.")] = None,
+    api_keys_file: Annotated[
+        Path | None, typer.Option(help="Hashed API keys (JSON lines); set: every route but probes needs a key.")
+    ] = None,
+    api_keys_protect_metrics: Annotated[
+        bool | None, typer.Option("--api-keys-protect-metrics", help="With --api-keys-file: /metrics needs a key too.")
+    ] = None,
     log_level: LogLevel = None,
 ) -> None:
     """Run one app server (uvicorn); it serves every model its workers serve, routing by name."""
     settings = build(AppSettings, **locals())
     import uvicorn
 
+    from app_server.api_keys import ApiKeyFileError
     from app_server.app import serve
 
     logs.configure(settings.log_level, settings.log_format, "app")
+    try:
+        application = serve(settings)
+    except ApiKeyFileError as exc:  # never an open server by accident: no usable keys, no server
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     uvicorn.run(
-        serve(settings),
+        application,
         host=settings.host,
         port=settings.port,
         log_config=None,
