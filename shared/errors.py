@@ -87,6 +87,14 @@ class ModelLoading(TandemError):
     http_status, code, wire_status, retry_after_s = 503, "model_loading", "model_loading", 1.0
 
 
+class IntegrityError(ModelError):
+    """A version's files are not the ones registered with it (changed, missing or added since), or carry
+    no record to check them against on a worker that requires one. Never served; the message names the
+    files."""
+
+    code = "integrity"
+
+
 _FROM_WIRE: dict[str, type[TandemError]] = {
     "overloaded": Overloaded,
     "deadline_exceeded": DeadlineExceeded,
