@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterable
@@ -46,13 +47,16 @@ _secrets: set[str] = set()
 
 
 def add_secret(value: str | None) -> None:
-    """Redact ``value`` from every line from now on (the password of a URL, if it is one)."""
-    if not value:
-        return
-    password = urlsplit(value).password if "://" in value else value
-    for v in (password, unquote(password or "")):
+    """Redact ``value`` wherever it appears from now on (as it is, and percent-decoded)."""
+    for v in (value, unquote(value or "")):
         if v and len(v) >= _MIN_SECRET:
             _secrets.add(v)
+
+
+def add_url_secret(url: str | None) -> None:
+    """Redact the password of ``url`` wherever it appears from now on, also outside a URL."""
+    if url and "://" in url:
+        add_secret(urlsplit(url).password)
 
 
 def add_env_secrets() -> None:
@@ -96,25 +100,29 @@ class RedactingFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
-def _print_uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+def _print_uncaught(kind: type[BaseException], exc: BaseException | None, tb: TracebackType | None) -> None:
     sys.stderr.write(redact("".join(traceback.format_exception(kind, exc, tb))))
+
+
+def _print_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if not issubclass(args.exc_type, SystemExit):  # as the default hook: a thread's exit is not an error
+        _print_uncaught(args.exc_type, args.exc_value, args.exc_traceback)
 
 
 def redact_uncaught() -> None:
     """Print uncaught exceptions (main thread and others) redacted: a settings error quotes the settings."""
     add_env_secrets()
     sys.excepthook = _print_uncaught
-    import threading
-
-    threading.excepthook = lambda args: _print_uncaught(args.exc_type, args.exc_value, args.exc_traceback)  # type: ignore[arg-type]
+    threading.excepthook = _print_uncaught_in_thread
 
 
 def configure(
-    level: str = "INFO", fmt: str = "auto", process: str = "tandem", secrets: Iterable[str | None] = ()
+    level: str = "INFO", fmt: str = "auto", process: str = "tandem", secret_urls: Iterable[str | None] = ()
 ) -> None:
-    """Log to stderr; ``secrets`` (URLs or values) are redacted besides what :func:`redact` finds."""
-    for secret in secrets:
-        add_secret(secret)
+    """Log to stderr; the passwords of ``secret_urls`` are redacted wherever they appear, besides what
+    :func:`redact` finds."""
+    for url in secret_urls:
+        add_url_secret(url)
     redact_uncaught()
     # MLflow installs its own handler on its loggers when imported (after this), bypassing redaction.
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")

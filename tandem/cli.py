@@ -95,7 +95,7 @@ def worker(
 ) -> None:
     """Run one worker: ZeroMQ server, a batcher and registry watch per model, the shared executor."""
     settings = build(WorkerSettings, **locals())
-    logs.configure(settings.log_level, settings.log_format, "worker", secrets=[settings.resolved_registry_uri()])
+    logs.configure(settings.log_level, settings.log_format, "worker", secret_urls=[settings.resolved_registry_uri()])
     from ml_worker.runners import pin_openmp_threads
 
     pin_openmp_threads(settings.intra_op_threads)
@@ -138,7 +138,7 @@ def app_server(
 
     from app_server.app import serve
 
-    logs.configure(settings.log_level, settings.log_format, "app", secrets=[settings.redis_url])
+    logs.configure(settings.log_level, settings.log_format, "app", secret_urls=[settings.redis_url])
     uvicorn.run(
         serve(settings),
         host=settings.host,

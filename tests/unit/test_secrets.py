@@ -32,9 +32,11 @@ def test_redact_url_masks_passwords_only(url, shown):
 
 def test_a_known_secret_is_masked_anywhere_even_decoded(monkeypatch):
     monkeypatch.setattr(logs, "_secrets", set())
-    logs.add_secret("https://user:p%40ssw0rd@mlflow/")
+    logs.add_url_secret("https://user:p%40ssw0rd@mlflow/")
+    logs.add_url_secret("/var/lib/mlruns")  # a path names no password
     logs.add_secret("ab")  # too short to replace everywhere
-    assert logs.redact("auth failed for p@ssw0rd / p%40ssw0rd, tab") == "auth failed for *** / ***, tab"
+    said = "auth failed for p@ssw0rd / p%40ssw0rd, tab, /var/lib/mlruns"
+    assert logs.redact(said) == "auth failed for *** / ***, tab, /var/lib/mlruns"
 
 
 def test_both_formatters_redact_messages_arguments_and_tracebacks(monkeypatch):
