@@ -23,6 +23,7 @@ from redis.exceptions import RedisError, ResponseError
 from app_server import metrics
 from shared.errors import FeatureStoreUnavailable, InvalidInput
 from shared.features import ENTITY_KEY, FeatureSpec
+from shared.logs import redact_url
 from shared.settings import AppSettings
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ class RedisFeatureStore:
     def from_settings(cls, settings: AppSettings) -> RedisFeatureStore:
         assert settings.redis_url, "the feature store needs redis_url"
         timeout_s = settings.feature_timeout_ms / 1000
+        logger.info("online features from %s", redact_url(settings.redis_url))
         return cls(make_client(settings.redis_url, timeout_s), timeout_s)
 
     async def close(self) -> None:

@@ -3,21 +3,29 @@
 Every load goes through here, whether a promotion (the registry watch) or a model unloaded to save
 memory and asked for again (the server). One at a time, because two loads at once would measure each
 other's memory and could both pass the budget check before either had grown the process.
+
+Every load first checks the version's files against the sha256 manifest recorded at registration
+(``shared/integrity.py``), whether they were just downloaded or come from the cache: a cached copy can
+be changed as well as the store's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from ml_worker import metrics
 from ml_worker.mlflow_runner import warm_mlflow
 from ml_worker.residency import Residency
 from ml_worker.runners import warm_runtime
 from ml_worker.slots import ModelSlot
 from ml_worker.versions import LoadedVersion, files_bytes, load_version
-from shared import registry
+from shared import integrity, registry
+from shared.errors import IntegrityError
+from shared.logs import redact_url
 from shared.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -39,10 +47,16 @@ class Loader:
         self._lock = asyncio.Lock()
         self._runtime_warm = False
         self._mlflow_warm = False
+        self._recorded: dict[str, str | None] = {}
+        """Each folder loaded from, with the manifest digest its version's tag recorded: what loading
+        it again is checked against."""
+        logger.info("following the registry at %s", redact_url(self.uri))
 
     async def load(self, slot: ModelSlot, ref: registry.VersionRef) -> LoadedVersion:
-        """Download (cached) and load a registry version for ``slot``; raises what the load raised."""
+        """Download (cached), check and load a registry version for ``slot``; raises what the load raised."""
         folder = await asyncio.to_thread(registry.download, self.uri, ref, self.cache_dir)
+        recorded = self._recorded[str(folder)] = ref.tags.get(integrity.TAG)
+        await self.verify(slot.name, ref.version, folder, recorded)
         loaded = await self._load(slot, ref.version, folder)
         loaded.origin = registry.cache_key(ref)
         return loaded
@@ -52,9 +66,35 @@ class Loader:
         unloaded = slot.unloaded
         if unloaded is None:
             raise RuntimeError(f"{slot.name} has no unloaded version to load")
+        recorded = self._recorded.get(str(unloaded.model_dir))
+        await self.verify(slot.name, unloaded.version, unloaded.model_dir, recorded)
         loaded = await self._load(slot, unloaded.version, unloaded.model_dir, unloaded.size_bytes)
         loaded.origin = unloaded.origin
         return loaded
+
+    async def verify(self, name: str, version: str, folder: Path, recorded: str | None) -> None:
+        """Check the files against what was recorded at registration (in a thread: it reads every byte);
+        raises :class:`IntegrityError` for files not as registered, and for a version with nothing
+        recorded when the worker requires integrity. Counted either way."""
+        t0 = time.perf_counter()
+        try:
+            verified = await asyncio.to_thread(integrity.verify, folder, recorded)
+        except IntegrityError:
+            metrics.INTEGRITY.labels(name, "mismatch").inc()
+            raise
+        ms = (time.perf_counter() - t0) * 1000
+        metrics.INTEGRITY.labels(name, "verified" if verified else "unverified").inc()
+        if verified:
+            logger.info("%s v%s: every file as registered (checked in %.0f ms)", name, version, ms)
+        elif self.settings.require_integrity:
+            raise IntegrityError(
+                f"no {integrity.TAG} tag (registered by MLflow alone?) and this worker requires integrity: "
+                f"`tandem register models:/{name}/{version} --name {name}` registers its files with their hashes"
+            )
+        else:
+            logger.warning(
+                "%s v%s is unverified: no %s tag recorded its files at registration", name, version, integrity.TAG
+            )
 
     async def _load(self, slot: ModelSlot, version: str, folder: Path, known_size: int = 0) -> LoadedVersion:
         async with self._lock:

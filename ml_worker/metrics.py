@@ -55,6 +55,14 @@ ON_DEMAND_LOADS = Counter(
     "tandem_model_on_demand_loads_total", "Loads of an unloaded model for a request, by result", ["model", "result"]
 )
 
+INTEGRITY = Counter(
+    "tandem_model_integrity_total",
+    "Checks of a version's files against the sha256 recorded at registration, one per load: verified, "
+    "unverified (nothing recorded: registered by MLflow alone), mismatch (refused)",
+    ["model", "result"],
+)
+INTEGRITY_RESULTS = ("verified", "unverified", "mismatch")
+
 OUTCOMES = (
     "ok",
     "overloaded",
@@ -85,6 +93,8 @@ class ModelMetrics:
 def for_model(name: str) -> ModelMetrics:
     for result in ("ok", "failed"):
         SWAPS.labels(name, result)
+    for result in INTEGRITY_RESULTS:
+        INTEGRITY.labels(name, result)
     return ModelMetrics(
         BATCH_SIZE.labels(name),
         QUEUE_WAIT.labels(name),
@@ -108,6 +118,8 @@ def forget_model(name: str) -> None:
         remove_series(SWAPS, name, result)
         remove_series(ON_DEMAND_LOADS, name, result)
     remove_series(EVICTIONS, name)
+    for result in INTEGRITY_RESULTS:
+        remove_series(INTEGRITY, name, result)
 
 
 def remove_series(metric: Any, *labels: str) -> None:

@@ -103,6 +103,14 @@ class RateLimited(TandemError):
         self.retry_after_s = retry_after_s
 
 
+class IntegrityError(ModelError):
+    """A version's files are not the ones registered with it (changed, missing or added since), or carry
+    no record to check them against on a worker that requires one. Never served; the message names the
+    files."""
+
+    code = "integrity"
+
+
 _FROM_WIRE: dict[str, type[TandemError]] = {
     "overloaded": Overloaded,
     "deadline_exceeded": DeadlineExceeded,

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from shared import integrity
+from shared.errors import IntegrityError
 from shared.versions import version_key
 
 logger = logging.getLogger(__name__)
@@ -84,13 +86,19 @@ def register(
     """Log ``model_dir`` (an MLflow model folder) in a run and register it as a new version of ``name``.
 
     When ``name`` had no version carrying ``alias_if_first``, the new version gets that alias, so a fresh
-    registry serves its first model without a separate promote step.
+    registry serves its first model without a separate promote step. The files' sha256 manifest is
+    logged with them and its digest tagged on the version (``shared/integrity.py``).
     """
     c = client(uri)
     run = c.create_run(_experiment_id(c, uri), run_name=f"{name}-register")
     c.log_artifacts(run.info.run_id, str(model_dir), artifact_path="model")
+    data = integrity.manifest_bytes(integrity.manifest_of(model_dir))
+    with tempfile.TemporaryDirectory(prefix="tandem-manifest-") as tmp:
+        (Path(tmp) / integrity.MANIFEST).write_bytes(data)  # replaces one the folder came with
+        c.log_artifact(run.info.run_id, str(Path(tmp) / integrity.MANIFEST), artifact_path="model")
     c.set_terminated(run.info.run_id)
     source = f"{run.info.artifact_uri}/model"
+    tags = {**(tags or {}), integrity.TAG: integrity.digest(data)}
     return register_source(
         uri, name, source, run_id=run.info.run_id, tags=tags, description=description, alias_if_first=alias_if_first
     )
@@ -290,11 +298,19 @@ def register_source(
     tags: dict[str, str] | None = None,
     description: str = "",
     alias_if_first: str | None = "production",
+    files: Path | None = None,
 ) -> VersionRef:
     """Register files already in the registry's store (see :func:`resolve_model_uri`) as a new version of
-    ``name``, without copying them, keeping the run they came from. Aliases as :func:`register`."""
+    ``name``, without copying them, keeping the run they came from. Aliases as :func:`register`.
+
+    The version is tagged with its files' manifest digest (:func:`seal`) unless ``tags`` carry one;
+    ``files`` is a local copy of what ``source`` holds, when the caller has one (else it is downloaded).
+    """
     from mlflow.exceptions import MlflowException
 
+    tags = dict(tags or {})
+    if integrity.TAG not in tags:
+        tags[integrity.TAG] = seal(uri, source, model_id, files)
     c = client(uri)
     try:
         c.create_registered_model(name)
@@ -302,8 +318,41 @@ def register_source(
         if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
             raise
     mv = c.create_model_version(
-        name, source=source, run_id=run_id, tags=tags or {}, description=description, model_id=model_id
+        name, source=source, run_id=run_id, tags=tags, description=description, model_id=model_id
     )
     if alias_if_first and resolve_alias(uri, name, alias_if_first) is None:
         c.set_registered_model_alias(name, alias_if_first, mv.version)
     return _ref(c.get_model_version(name, mv.version))
+
+
+def seal(uri: str, source: str, model_id: str | None = None, files: Path | None = None) -> str:
+    """The digest of the manifest of the files at ``source``, writing the manifest beside them if it is not
+    there yet. Files that already carry a manifest they no longer match (changed in the store since they
+    were first registered) are refused: registering them again must not bless the change."""
+    with tempfile.TemporaryDirectory(prefix="tandem-seal-") as tmp:
+        if files is None:
+            import mlflow.artifacts
+
+            files = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri))
+        actual = integrity.manifest_of(files)
+        data = integrity.manifest_bytes(actual)
+        stored = files / integrity.MANIFEST
+        if stored.exists():
+            if stored.read_bytes() != data:
+                try:
+                    problems = integrity.differences(json.loads(stored.read_bytes()), actual)
+                except ValueError:
+                    problems = []
+                why = integrity.describe(problems) if problems else f"its {integrity.MANIFEST} is not Tandem's"
+                raise IntegrityError(f"{source}: the files are not as first registered: {why}")
+            return integrity.digest(data)
+        location = source
+        if _logged(source):  # an MLflow 3 logged model: its files are at the logged model's location
+            location = client(uri).get_logged_model(model_id or source.removeprefix("models:/")).artifact_location
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        upload = Path(tmp) / "manifest" / integrity.MANIFEST
+        upload.parent.mkdir()
+        upload.write_bytes(data)
+        get_artifact_repository(location, tracking_uri=uri).log_artifact(str(upload))
+    return integrity.digest(data)

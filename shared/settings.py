@@ -47,6 +47,16 @@ class CommonSettings(BaseSettings):
     """Requests slower than this are logged even without ``log_requests``, so a slow request can be
     found by its id in both tiers' logs."""
 
+    # -- secrets from mounted files --
+    registry_uri_file: Path | None = None
+    """A file holding the registry URI (a mounted Secret, when the URI carries credentials), read at start;
+    instead of ``registry_uri``, never with it."""
+
+    @model_validator(mode="after")
+    def _registry_uri_from_file(self) -> CommonSettings:
+        self.registry_uri = read_secret_file(self.registry_uri_file, self.registry_uri, "registry_uri")
+        return self
+
     def resolved_registry_uri(self) -> str:
         """The registry this process talks to: explicit URI, ``MLFLOW_TRACKING_URI``, else the home."""
         if self.registry_uri:
@@ -54,6 +64,22 @@ class CommonSettings(BaseSettings):
         if self.home is None and os.environ.get("MLFLOW_TRACKING_URI"):
             return os.environ["MLFLOW_TRACKING_URI"]
         return home_registry_uri(self.home or DEFAULT_HOME)
+
+
+def read_secret_file(path: Path | None, value: str | None, name: str) -> str | None:
+    """``value``, or the content of ``path`` (stripped) when that is set: secrets are mounted as files so
+    they stay out of the environment and the process list."""
+    if path is None:
+        return value
+    if value:
+        raise ValueError(f"set {name} or {name}_file, not both")
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"{name}_file {path}: {exc.strerror}") from None
+    if not text:
+        raise ValueError(f"{name}_file {path} is empty")
+    return text
 
 
 def home_registry_uri(home: Path) -> str:
@@ -130,6 +156,12 @@ class WorkerSettings(CommonSettings):
     """ONNX Runtime intra-op threads; 0 means usable cores minus one on CPU (the I/O loop keeps a core),
     one on CUDA. Set it to the container's CPU limit minus one in a pod."""
 
+    # -- model integrity (shared/integrity.py) --
+    require_integrity: bool = False
+    """Refuse a version whose files carry no sha256 record from registration (one registered by MLflow
+    alone); without it such a version serves, counted as unverified. Recorded files that do not match
+    are refused either way."""
+
     @field_validator("tag")
     @classmethod
     def _tag_has_value(cls, tag: str | None) -> str | None:
@@ -169,6 +201,14 @@ class AppSettings(CommonSettings):
 
     redis_url: str | None = None
     """Online feature store; unset means requests must carry every feature inline."""
+
+    redis_url_file: Path | None = None
+    """A file holding the Redis URL (a mounted Secret, when it carries a password), read at start."""
+
+    @model_validator(mode="after")
+    def _redis_url_from_file(self) -> AppSettings:
+        self.redis_url = read_secret_file(self.redis_url_file, self.redis_url, "redis_url")
+        return self
 
     feature_timeout_ms: float = Field(50.0, gt=0)
     """Budget of one pipelined Redis round trip for a request's entities."""

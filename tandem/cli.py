@@ -86,10 +86,18 @@ def worker(
     registry_uri: RegistryUri = None,
     home: Home = None,
     log_level: LogLevel = None,
+    # -- integrity and secrets (shared/integrity.py, shared/logs.py) --
+    require_integrity: Annotated[
+        bool | None,
+        typer.Option("--require-integrity", help="Refuse versions without sha256 records from registration."),
+    ] = None,
+    registry_uri_file: Annotated[
+        Path | None, typer.Option(help="File holding the registry URI (a mounted Secret), instead of --registry-uri.")
+    ] = None,
 ) -> None:
     """Run one worker: ZeroMQ server, a batcher and registry watch per model, the shared executor."""
     settings = build(WorkerSettings, **locals())
-    logs.configure(settings.log_level, settings.log_format, "worker")
+    logs.configure(settings.log_level, settings.log_format, "worker", secret_urls=[settings.resolved_registry_uri()])
     from ml_worker.runners import pin_openmp_threads
 
     pin_openmp_threads(settings.intra_op_threads)
@@ -128,6 +136,9 @@ def app_server(
         bool | None, typer.Option("--api-keys-protect-metrics", help="With --api-keys-file: /metrics needs a key too.")
     ] = None,
     log_level: LogLevel = None,
+    redis_url_file: Annotated[
+        Path | None, typer.Option(help="File holding the Redis URL (a mounted Secret), instead of --redis-url.")
+    ] = None,
 ) -> None:
     """Run one app server (uvicorn); it serves every model its workers serve, routing by name."""
     settings = build(AppSettings, **locals())
@@ -136,7 +147,7 @@ def app_server(
     from app_server.api_keys import ApiKeyFileError
     from app_server.app import serve
 
-    logs.configure(settings.log_level, settings.log_format, "app")
+    logs.configure(settings.log_level, settings.log_format, "app", secret_urls=[settings.redis_url])
     try:
         application = serve(settings)
     except ApiKeyFileError as exc:  # never an open server by accident: no usable keys, no server
@@ -169,6 +180,7 @@ WORKER_ONLY = (
     "drain_timeout_s",
     "models_config",
     "max_resident_mb",
+    "require_integrity",
 )
 APP_ONLY = (
     "redis_url",
@@ -218,6 +230,9 @@ def up(
     prediction_cache_ttl_s: Annotated[float | None, typer.Option()] = None,
     heartbeat_interval: Annotated[float | None, typer.Option()] = None,
     log_requests: Annotated[bool | None, typer.Option("--log-requests")] = None,
+    require_integrity: Annotated[
+        bool | None, typer.Option("--require-integrity", help="Workers refuse versions without sha256 records.")
+    ] = None,
 ) -> None:
     """Everything local: registry, demo models, N workers and one app server. Ctrl-C stops it all.
 
@@ -301,7 +316,7 @@ def demo_model(
             kind=kind,
         )
     except TandemError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
+        typer.echo(f"error: {logs.redact(exc.message)}", err=True)
         raise typer.Exit(1) from None
     aliases = f" (aliases: {', '.join(ref.aliases)})" if ref.aliases else ""
     typer.echo(f"registered {ref.name} version {ref.version}{aliases}")
@@ -346,7 +361,7 @@ def register(
             uri, source, name, spec=spec, example=example, alias=alias, say=lambda m: typer.echo(m, err=True)
         )
     except RegisterError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
+        typer.echo(f"error: {logs.redact(exc.message)}", err=True)
         raise typer.Exit(exc.exit_code) from None
     for line in summary(result):
         typer.echo(line)
@@ -418,7 +433,7 @@ def models(
         typer.echo(json.dumps(entries[0] if name else {"models": entries}))
         return
     if not any(versions for _, versions, _ in listed):
-        typer.echo(f"no versions of {name}" if name else f"no models in {uri}")
+        typer.echo(f"no versions of {name}" if name else f"no models in {logs.redact_url(uri)}")
         raise typer.Exit(1)
     for n, versions, workers in listed:
         for v in versions:
@@ -477,6 +492,7 @@ def _workers_of(served: list[dict[str, Any]], name: str) -> list[dict[str, Any]]
 
 
 def main() -> None:
+    logs.redact_uncaught()  # before settings are parsed: their errors quote what they were given
     app()
 
 

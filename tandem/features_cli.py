@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from app_server.feature_store import entity_key, format_id, format_value
+from shared.logs import redact
 
 app = typer.Typer(help="Online features in Redis: bulk load, inspect.", no_args_is_help=True)
 
@@ -37,7 +38,7 @@ def _client(url: str | None) -> Any:
     try:
         client.ping()
     except redis.RedisError as exc:
-        typer.echo(f"cannot reach Redis at {resolved}: {exc}", err=True)
+        typer.echo(redact(f"cannot reach Redis at {resolved}: {exc}"), err=True)
         raise typer.Exit(2) from None
     return client
 

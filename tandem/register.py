@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from shared import registry
-from shared.errors import TandemError
+from shared.errors import IntegrityError, TandemError
 from shared.features import FeatureSpec, load_spec, predictions_from
 from shared.model_targets import NAME_RE
 
@@ -133,11 +133,15 @@ def register_model(
                 where, run_id, model_id = registry.resolve_model_uri(uri, source)
             except LookupError as exc:
                 raise RegisterUsageError(str(exc)) from None
-            loaded = check(name, download(uri, where, Path(tmp)))
-            ref = registry.register_source(
-                uri, name, where, run_id=run_id, model_id=model_id, tags={"source": source},
-                alias_if_first=alias_if_first,
-            )  # fmt: skip
+            files = download(uri, where, Path(tmp))
+            loaded = check(name, files)
+            try:
+                ref = registry.register_source(
+                    uri, name, where, run_id=run_id, model_id=model_id, tags={"source": source},
+                    alias_if_first=alias_if_first, files=files,  # hashed as checked: the manifest is of these
+                )  # fmt: skip
+            except IntegrityError as exc:
+                raise RegisterError(exc.message) from None
         else:
             folder = Path(source)
             if spec is not None:

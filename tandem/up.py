@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared import registry
+from shared.logs import redact_url
 from shared.model_targets import ModelTarget
 from shared.settings import home_registry_uri
 
@@ -111,11 +112,13 @@ class Stack:
             if registry.resolve(uri, target.name, alias=target.alias, tag=target.tag) is not None:
                 continue
             if target.name not in DEMOS or target.tag:
-                raise SystemExit(f"registry {uri} has no version of {target.name!r} for {target.pointer}; register one")
+                raise SystemExit(
+                    f"registry {redact_url(uri)} has no version of {target.name!r} for {target.pointer}; register one"
+                )
             from tandem.demo import register_demo
 
             dataset, size = DEMOS[target.name]
-            logger.info("no %s model in %s yet: training the demo model", target.name, uri)
+            logger.info("no %s model in %s yet: training the demo model", target.name, redact_url(uri))
             ref = register_demo(uri, size, name=target.name, dataset=dataset)
             alias = target.alias or "production"
             if alias not in ref.aliases:
