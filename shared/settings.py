@@ -130,6 +130,16 @@ class WorkerSettings(CommonSettings):
     """ONNX Runtime intra-op threads; 0 means usable cores minus one on CPU (the I/O loop keeps a core),
     one on CUDA. Set it to the container's CPU limit minus one in a pod."""
 
+    # -- CURVE: who may send this worker work (shared/curve.py, ml_worker/auth.py) ---------------------
+    curve_secret_key: Path | None = None
+    """This worker's CURVE key pair (the ``.key_secret`` file of ``tandem keys generate``). With
+    ``curve_authorized_dir`` the ZeroMQ socket is encrypted and admits only app servers holding an
+    authorised key. Set both or neither; neither: a plain socket, for a network nobody else reaches."""
+
+    curve_authorized_dir: Path | None = None
+    """Directory of the public keys (``NAME.key``) of the app servers allowed in. Re-read every few
+    seconds: adding a file admits its key, removing one drops it, without a restart."""
+
     @field_validator("tag")
     @classmethod
     def _tag_has_value(cls, tag: str | None) -> str | None:
@@ -141,6 +151,11 @@ class WorkerSettings(CommonSettings):
     def _targets_parse(self) -> WorkerSettings:
         self.targets()  # a bad --models or --models-config fails at start-up, not at the first poll
         self.model_options()
+        return self
+
+    @model_validator(mode="after")
+    def _curve_complete(self) -> WorkerSettings:
+        both_or_neither("curve_secret_key", self.curve_secret_key, "curve_authorized_dir", self.curve_authorized_dir)
         return self
 
     def targets(self) -> list[ModelTarget]:
@@ -197,6 +212,19 @@ class AppSettings(CommonSettings):
     dns_refresh_s: float = Field(5.0, gt=0)
     """How often a ``dns+tcp://`` worker name is re-resolved."""
 
+    # -- CURVE: encrypted, authenticated connections to workers (shared/curve.py) ---------------------
+    curve_secret_key: Path | None = None
+    """This app server's CURVE key pair (a ``.key_secret`` file); its public half must be in the
+    workers' ``curve_authorized_dir``. Set with ``curve_worker_key``, or neither."""
+
+    curve_worker_key: Path | None = None
+    """The workers' public key (their ``.key`` file): a worker holding another key is not talked to."""
+
+    @model_validator(mode="after")
+    def _curve_complete(self) -> AppSettings:
+        both_or_neither("curve_secret_key", self.curve_secret_key, "curve_worker_key", self.curve_worker_key)
+        return self
+
     def worker_endpoints(self) -> list[str]:
         return [u.strip() for u in self.worker_urls.split(",") if u.strip()]
 
@@ -211,3 +239,15 @@ class AppSettings(CommonSettings):
         if self.default and self.default not in names:
             names.append(self.default)
         return names
+
+
+def both_or_neither(name_a: str, a: object, name_b: str, b: object) -> None:
+    """Half a CURVE configuration is refused: it could only mean a process that cannot talk to its peers,
+    or one that was meant to be secured and is not."""
+    if (a is None) != (b is None):
+        given, missing = (name_a, name_b) if b is None else (name_b, name_a)
+        raise ValueError(f"{_flag(given)} is set but {_flag(missing)} is not: CURVE needs both, or neither")
+
+
+def _flag(field: str) -> str:
+    return f"--{field.replace('_', '-')} (TANDEM_{field.upper()})"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +14,7 @@ import typer
 from shared import logs
 from shared.settings import DEFAULT_HOME, AppSettings, CommonSettings, WorkerSettings
 from tandem.features_cli import app as features_app
+from tandem.keys_cli import app as keys_app
 from tandem.spec_cli import app as spec_app
 
 app = typer.Typer(
@@ -22,6 +25,7 @@ app = typer.Typer(
 )
 app.add_typer(features_app, name="features")
 app.add_typer(spec_app, name="spec")
+app.add_typer(keys_app, name="keys")
 
 RegistryUri = Annotated[
     str | None,
@@ -40,6 +44,9 @@ Models = Annotated[
     ),
 ]
 LogLevel = Annotated[str | None, typer.Option("--log-level")]
+CurveSecretKey = Annotated[
+    Path | None, typer.Option(help="CURVE: this process's key pair, a .key_secret file (tandem keys generate).")
+]
 
 
 def build(cls: type[CommonSettings], **flags: Any) -> Any:
@@ -79,6 +86,10 @@ def worker(
     drain_grace_s: Annotated[float | None, typer.Option(help="On SIGTERM, refuse new work this long.")] = None,
     drain_timeout_s: Annotated[float | None, typer.Option(help="On SIGTERM, most time to finish work.")] = None,
     debug_delay_ms: Annotated[float | None, typer.Option(hidden=True, help="Testing: slow every batch.")] = None,
+    curve_secret_key: CurveSecretKey = None,
+    curve_authorized_dir: Annotated[
+        Path | None, typer.Option(help="CURVE: public keys (NAME.key) of the app servers let in; re-read on change.")
+    ] = None,
     log_requests: Annotated[bool | None, typer.Option("--log-requests", help="Log every request.")] = None,
     slow_request_ms: Annotated[float | None, typer.Option(help="Log requests slower than this.")] = None,
     registry_uri: RegistryUri = None,
@@ -86,7 +97,7 @@ def worker(
     log_level: LogLevel = None,
 ) -> None:
     """Run one worker: ZeroMQ server, a batcher and registry watch per model, the shared executor."""
-    settings = build(WorkerSettings, **locals())
+    settings = build_or_exit(WorkerSettings, **locals())
     logs.configure(settings.log_level, settings.log_format, "worker")
     from ml_worker.runners import pin_openmp_threads
 
@@ -94,7 +105,8 @@ def worker(
     from ml_worker.server import run_worker
     from shared.runtime import run_loop
 
-    run_loop(run_worker(settings))
+    with config_errors():
+        run_loop(run_worker(settings))
 
 
 @app.command("app")
@@ -119,23 +131,52 @@ def app_server(
     heartbeat_interval: Annotated[float | None, typer.Option()] = None,
     log_requests: Annotated[bool | None, typer.Option("--log-requests", help="Log every request.")] = None,
     slow_request_ms: Annotated[float | None, typer.Option(help="Log requests slower than this.")] = None,
+    curve_secret_key: CurveSecretKey = None,
+    curve_worker_key: Annotated[Path | None, typer.Option(help="CURVE: the workers' public key (a .key file).")] = None,
     log_level: LogLevel = None,
 ) -> None:
     """Run one app server (uvicorn); it serves every model its workers serve, routing by name."""
-    settings = build(AppSettings, **locals())
+    settings = build_or_exit(AppSettings, **locals())
     import uvicorn
 
     from app_server.app import serve
 
     logs.configure(settings.log_level, settings.log_format, "app")
+    with config_errors():
+        served = serve(settings)
     uvicorn.run(
-        serve(settings),
+        served,
         host=settings.host,
         port=settings.port,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
     )
+
+
+@contextlib.contextmanager
+def config_errors() -> Iterator[None]:
+    """A setting or a file it names is wrong (an unreadable key file, say): one line, exit status 2."""
+    from shared.errors import ConfigError
+
+    try:
+        yield
+    except ConfigError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+
+
+def build_or_exit(cls: type[CommonSettings], **flags: Any) -> Any:
+    """:func:`build` for a server command: settings that do not validate are one line each, exit status 2."""
+    from pydantic import ValidationError
+
+    try:
+        return build(cls, **flags)
+    except ValidationError as exc:
+        for e in exc.errors():
+            where = ".".join(map(str, e["loc"]))
+            typer.echo(f"error: {where + ': ' if where else ''}{e['msg'].removeprefix('Value error, ')}", err=True)
+        raise typer.Exit(2) from None
 
 
 WORKER_ONLY = (
