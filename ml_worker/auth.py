@@ -144,9 +144,10 @@ class CurveGuard:
                 self._monitor.stop()
 
     def stop_monitor(self) -> None:
-        """Before the guarded socket closes."""
-        if self._monitor is not None and self._sock is not None and not self._sock.closed:
-            self._sock.disable_monitor()
+        """Before the guarded socket closes (the context cannot end while the monitor's socket is open)."""
+        if self._monitor is not None:
+            if self._sock is not None and not self._sock.closed:
+                self._sock.disable_monitor()
             self._monitor.close()
         self._monitor = None
 
