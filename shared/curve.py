@@ -118,6 +118,26 @@ def generate_pair(directory: str | os.PathLike[str], name: str) -> tuple[Path, P
     return public, secret
 
 
+def local_stack_keys(directory: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Fresh keys for a stack on one machine (``tandem up --secure``), replacing the ones a previous run
+    left in ``directory`` (which holds nothing else): a worker pair, an app pair, and an ``authorized``
+    folder holding the app's public key. Returns the flags (name without ``--``: value) of the workers
+    and of the app server."""
+    folder = Path(directory)
+    authorized = folder / "authorized"
+    for stale in (*(folder / f"{n}{s}" for n in ("worker", "app") for s in (PUBLIC_SUFFIX, SECRET_SUFFIX)),
+                  authorized / f"app{PUBLIC_SUFFIX}"):  # fmt: skip
+        stale.unlink(missing_ok=True)
+    worker_public, worker_secret = generate_pair(folder, "worker")
+    app_public, app_secret = generate_pair(folder, "app")
+    authorized.mkdir(exist_ok=True)
+    (authorized / app_public.name).write_bytes(app_public.read_bytes())
+    return (
+        {"curve-secret-key": str(worker_secret), "curve-authorized-dir": str(authorized)},
+        {"curve-secret-key": str(app_secret), "curve-worker-key": str(worker_public)},
+    )
+
+
 # -- reading keys ------------------------------------------------------------------------------------
 
 

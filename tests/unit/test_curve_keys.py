@@ -154,3 +154,15 @@ def test_half_a_curve_configuration_is_refused(cls, given: str, missing: str) ->
     with pytest.raises(ValidationError, match=f"--{missing.replace('_', '-')}"):
         cls(**{given: Path("/anywhere")})
     assert cls(**{given: Path("/a"), missing: Path("/b")}) is not None  # paths are read at start-up, not here
+
+
+def test_local_stack_keys_are_fresh_each_run_and_fit_together(tmp_path: Path) -> None:
+    worker_flags, app_flags = curve.local_stack_keys(tmp_path / "curve")
+    worker = WorkerSettings(**{k.replace("-", "_"): v for k, v in worker_flags.items()})
+    app = AppSettings(**{k.replace("-", "_"): v for k, v in app_flags.items()})
+    server, client = curve.server_keys(worker), curve.client_keys(app)
+    assert server is not None and client is not None and worker.curve_authorized_dir is not None
+    assert client.server == server.own.public
+    assert list(curve.read_authorized(worker.curve_authorized_dir).keys) == [client.own.public]
+    again, _ = curve.local_stack_keys(tmp_path / "curve")
+    assert curve.read_pair(again["curve-secret-key"]).public != server.own.public
