@@ -96,7 +96,8 @@ class CurveGuard:
         keys = curve.server_keys(settings)
         if keys is None or settings.curve_authorized_dir is None:
             return None
-        return cls(keys, settings.curve_authorized_dir, curve.read_authorized(settings.curve_authorized_dir))
+        directory = settings.curve_authorized_dir
+        return cls(keys, directory, curve.read_authorized(directory, "--curve-authorized-dir"))
 
     def _set(self, allowed: dict[bytes, str]) -> None:
         # Replaced whole, never mutated: the ZAP thread reads ``_allowed`` while the loop reloads.

@@ -217,18 +217,18 @@ def scan_authorized(directory: str | os.PathLike[str]) -> Authorized:
     return found
 
 
-def read_authorized(directory: str | os.PathLike[str]) -> Authorized:
+def read_authorized(directory: str | os.PathLike[str], what: str = "authorised keys directory") -> Authorized:
     """:func:`scan_authorized` at start-up, where any problem, or no key at all, stops the process."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise ConfigError(f"authorised keys directory {directory} does not exist or is not a directory")
+        raise ConfigError(f"{what} {directory} does not exist or is not a directory")
     found = scan_authorized(directory)
     if found.problems:
         raise ConfigError("; ".join(found.problems))
     if not found.keys:
         stray = [p.name for p in directory.glob(f"*{SECRET_SUFFIX}")]
         hint = f" (it holds {', '.join(stray)}: authorise the public half, NAME{PUBLIC_SUFFIX})" if stray else ""
-        raise ConfigError(f"authorised keys directory {directory} holds no public key (*{PUBLIC_SUFFIX}){hint}")
+        raise ConfigError(f"{what} {directory} holds no public key (*{PUBLIC_SUFFIX}){hint}")
     return found
 
 
