@@ -166,3 +166,17 @@ def test_local_stack_keys_are_fresh_each_run_and_fit_together(tmp_path: Path) ->
     assert list(curve.read_authorized(worker.curve_authorized_dir).keys) == [client.own.public]
     again, _ = curve.local_stack_keys(tmp_path / "curve")
     assert curve.read_pair(again["curve-secret-key"]).public != server.own.public
+
+
+def test_tandem_keys_generate(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tandem.cli import app
+
+    made = CliRunner().invoke(app, ["keys", "generate", str(tmp_path / "k"), "--name", "app"])
+    assert made.exit_code == 0, made.output
+    assert made.stdout.splitlines() == [f"public key: {tmp_path / 'k' / 'app.key'}",
+                                        f"secret key: {tmp_path / 'k' / 'app.key_secret'}"]  # fmt: skip
+    assert curve.read_pair(tmp_path / "k" / "app.key_secret").public == curve.read_public(tmp_path / "k" / "app.key")
+    again = CliRunner().invoke(app, ["keys", "generate", str(tmp_path / "k"), "--name", "app"])
+    assert again.exit_code == 2 and "already exists" in again.stderr
