@@ -14,13 +14,27 @@ not send them is read as holding every model loaded, with only worker-wide queue
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
+import zmq
 import zmq.asyncio
 
 from shared import protocol
 from shared.transport import LoopSocket
+
+HANDSHAKE_RETRY_S = 2.0
+HANDSHAKE_FAILED = {  # why, as the log says it
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "it refused this app server's CURVE key (not in its --curve-authorized-dir)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the handshake failed: one side runs with CURVE keys and the other without",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the handshake failed (with CURVE: is --curve-worker-key its public key?)",
+}
+RETRIED_BY_ZMQ = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+"""The worker hung up: libzmq reconnects. After the others it gives up, and the pool connects again."""
+MONITORED = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+for _event in HANDSHAKE_FAILED:
+    MONITORED |= _event
 
 
 @dataclass(slots=True)
@@ -85,6 +99,8 @@ class WorkerConn:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     outbox: list[tuple[str, list[Any]]] = field(default_factory=list)
     """Inference requests to send at the end of this event-loop turn, in one envelope."""
+    refused: bool = False
+    """Its last handshake failed (wrong or unauthorised CURVE key): reconnecting every few seconds."""
 
     @property
     def outstanding(self) -> int:
@@ -127,6 +143,16 @@ class WorkerConn:
         self.queue_depth, self.est_wait_ms = queue_depth, est_wait_ms
         self.device = header.get("device")
         self.draining = bool(header.get("draining"))
+
+    def reconnect(self) -> None:
+        """Connect again after a refused handshake, which libzmq gives up on: the worker's authorised keys
+        may change (a rotation), and then this app server gets in without a restart."""
+        sock = self.io.sock
+        if sock.closed:  # left the pool meanwhile
+            return
+        with contextlib.suppress(zmq.ZMQError):
+            sock.disconnect(self.endpoint)
+        sock.connect(self.endpoint)
 
     def model_info(self, model: str) -> dict[str, Any]:
         """This worker in a model's ``/v1/models`` entry."""

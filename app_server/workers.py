@@ -24,8 +24,8 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from app_server import metrics
-from app_server.worker_conn import WorkerConn
-from shared import protocol
+from app_server.worker_conn import HANDSHAKE_FAILED, HANDSHAKE_RETRY_S, MONITORED, RETRIED_BY_ZMQ, WorkerConn
+from shared import curve, protocol
 from shared.errors import NoWorkers, ProtocolError, TandemError, from_wire
 from shared.protocol import Kind, Status
 from shared.settings import AppSettings
@@ -57,6 +57,7 @@ class WorkerPool:
     def __init__(self, settings: AppSettings) -> None:
         self.settings = settings
         self.interval = settings.heartbeat_interval
+        self._curve = curve.client_keys(settings)  # a bad key file stops the app server before it serves
         self._ctx = zmq.asyncio.Context()
         self.conns: dict[str, WorkerConn] = {}
         self._ids = itertools.count()
@@ -123,14 +124,14 @@ class WorkerPool:
             self.conns[ep].removed = False
 
     def _connect(self, endpoint: str) -> WorkerConn:
-        sock = make_socket(self._ctx, zmq.DEALER, connect=endpoint, socket_class=zmq.Socket)
+        sock = make_socket(self._ctx, zmq.DEALER, connect=endpoint, socket_class=zmq.Socket, curve=self._curve)
 
         def on_message(frames: list[Any]) -> None:
             self._on_reply(conn, frames)
 
         conn = WorkerConn(endpoint, LoopSocket(sock, on_message))
         conn.io.start()
-        conn.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)  # an asyncio socket: rare events
+        conn.monitor = sock.get_monitor_socket(MONITORED)  # an asyncio socket: rare events
         conn.tasks = [asyncio.create_task(self._monitor_loop(conn, conn.monitor))]
         return conn
 
@@ -235,6 +236,14 @@ class WorkerPool:
                     logger.warning("worker %s disconnected; out of the pool", conn.endpoint)
                 conn.alive = False
                 self._fail_pending(conn, "connection to the worker dropped")
+            elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                conn.refused = False
+            elif event["event"] in HANDSHAKE_FAILED:
+                if not conn.refused:  # logged once until a handshake succeeds
+                    logger.error("worker %s: %s; retrying", conn.endpoint, HANDSHAKE_FAILED[event["event"]])
+                conn.refused = True
+                if event["event"] != RETRIED_BY_ZMQ:
+                    asyncio.get_running_loop().call_later(HANDSHAKE_RETRY_S, conn.reconnect)
 
     def _fail_pending(self, conn: WorkerConn, reason: str) -> None:
         pending, conn.pending = conn.pending, {}

@@ -14,13 +14,16 @@ from __future__ import annotations
 import itertools
 import time
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
 
 from shared import protocol
 from shared.protocol import Kind
+
+if TYPE_CHECKING:
+    from shared.curve import ClientKeys
 
 
 def measure(
@@ -33,11 +36,15 @@ def measure(
     warmup_s: float,
     budget_ms: float = 30_000.0,
     reply_timeout_s: float = 30.0,
+    curve: ClientKeys | None = None,
 ) -> dict[str, Any]:
-    """Closed loop on ``endpoint``: every request carries the rows of ``x``; ``window`` are in flight."""
+    """Closed loop on ``endpoint``: every request carries the rows of ``x``; ``window`` are in flight.
+    ``curve``: the keys of a worker running with CURVE (``shared/curve.py``)."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        curve.apply(sock)
     sock.connect(endpoint)
     ids = itertools.count()
     rows = x.shape[0]

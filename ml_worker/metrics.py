@@ -63,6 +63,16 @@ INTEGRITY = Counter(
 )
 INTEGRITY_RESULTS = ("verified", "unverified", "mismatch")
 
+AUTH_FAILURES_TOTAL = Counter(
+    "tandem_worker_auth_failures_total",
+    "Turned away by CURVE (--curve-authorized-dir): unauthorized, a key not in the authorised set; handshake, "
+    "a client without keys, with the wrong worker key, or not ZeroMQ; revoked, a message on a connection whose "
+    "key was removed since",
+    ["reason"],
+)
+AUTH_FAILURES = {reason: AUTH_FAILURES_TOTAL.labels(reason) for reason in ("unauthorized", "handshake", "revoked")}
+"""Not by model, nor by key or address: a stranger picks those."""
+
 OUTCOMES = (
     "ok",
     "overloaded",

@@ -24,6 +24,7 @@ from typing import Any
 import zmq
 
 from ml_worker import metrics, replies
+from ml_worker.auth import CurveGuard
 from ml_worker.batcher import Pending
 from ml_worker.loader import Loader
 from ml_worker.model_set import REFUSED, ModelSet, make_batcher
@@ -50,8 +51,15 @@ class WorkerServer:
         """``slots``: models to serve already loaded (tests); otherwise ``settings.targets()`` are
         followed in the registry once :meth:`serve` runs."""
         self.settings = settings
+        self._guard = CurveGuard.from_settings(settings)  # a bad key file stops the worker here, unbound
         self._ctx = zmq.Context()
-        self.sock = make_socket(self._ctx, zmq.ROUTER, bind=settings.bind)
+        if self._guard is not None:
+            self._guard.start(self._ctx)  # before the socket binds: see ml_worker/auth.py
+        self.sock = make_socket(
+            self._ctx, zmq.ROUTER, bind=settings.bind, curve=self._guard.keys if self._guard else None
+        )
+        if self._guard is not None:
+            self._guard.watch(self.sock)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         cache = settings.cache_dir or (settings.home / "cache" if settings.home else None)
         self.cache_dir = Path(cache or tempfile.mkdtemp(prefix="tandem-cache-"))
@@ -79,6 +87,8 @@ class WorkerServer:
         targets = ", ".join(map(str, self.models.targets))
         logger.info("worker listening on %s (models %s)", self.endpoint, targets)
         self._tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._housekeeping())]
+        if self._guard is not None:
+            self._tasks.append(asyncio.create_task(self._guard.run()))
         if watch:
             self._tasks += self.models.start_watching()
         try:
@@ -100,7 +110,11 @@ class WorkerServer:
         return sum(s.batcher.depth + len(s.waiting) for s in self.slots.values())
 
     def close(self) -> None:
+        if self._guard is not None:
+            self._guard.stop_monitor()
         self._io.close(linger=500)  # let the last replies of a drain leave
+        if self._guard is not None:
+            self._guard.stop()  # only now: a CURVE socket with no ZAP handler admits any key
         self._ctx.term()
         self.scheduler.close()
 
@@ -157,6 +171,8 @@ class WorkerServer:
     def _handle_safely(self, frames: list[Any]) -> None:
         """A message that breaks handling still gets an answer, and never stops the loop. An envelope
         of several (``protocol.split``) is handled one message at a time."""
+        if self._guard is not None and not self._guard.admits(frames[-1]):
+            return  # its key was removed from the authorised set since it connected
         ident = frames[0].bytes
         try:
             messages = protocol.split(frames[1:])

@@ -27,6 +27,13 @@ class TandemError(Exception):
         return {"error": error}
 
 
+class ConfigError(TandemError):
+    """A setting, or a file one names, is wrong: the process refuses to start rather than run otherwise
+    than configured (a worker whose CURVE keys cannot be read would otherwise be open to anyone)."""
+
+    code = "config_error"
+
+
 class InvalidInput(TandemError):
     http_status, code, wire_status = 422, "invalid_input", "bad_request"
 

@@ -162,6 +162,16 @@ class WorkerSettings(CommonSettings):
     alone); without it such a version serves, counted as unverified. Recorded files that do not match
     are refused either way."""
 
+    # -- CURVE: who may send this worker work (shared/curve.py, ml_worker/auth.py) ---------------------
+    curve_secret_key: Path | None = None
+    """This worker's CURVE key pair (the ``.key_secret`` file of ``tandem keys generate``). With
+    ``curve_authorized_dir`` the ZeroMQ socket is encrypted and admits only app servers holding an
+    authorised key. Set both or neither; neither: a plain socket, for a network nobody else reaches."""
+
+    curve_authorized_dir: Path | None = None
+    """Directory of the public keys (``NAME.key``) of the app servers allowed in. Re-read every few
+    seconds: adding a file admits its key, removing one drops it, without a restart."""
+
     @field_validator("tag")
     @classmethod
     def _tag_has_value(cls, tag: str | None) -> str | None:
@@ -173,6 +183,11 @@ class WorkerSettings(CommonSettings):
     def _targets_parse(self) -> WorkerSettings:
         self.targets()  # a bad --models or --models-config fails at start-up, not at the first poll
         self.model_options()
+        return self
+
+    @model_validator(mode="after")
+    def _curve_complete(self) -> WorkerSettings:
+        both_or_neither("curve_secret_key", self.curve_secret_key, "curve_authorized_dir", self.curve_authorized_dir)
         return self
 
     def targets(self) -> list[ModelTarget]:
@@ -246,6 +261,19 @@ class AppSettings(CommonSettings):
     api_keys_protect_metrics: bool = False
     """With ``api_keys_file``: ``/metrics`` needs a key too (off: scrapers reach it without one)."""
 
+    # -- CURVE: encrypted, authenticated connections to workers (shared/curve.py) ---------------------
+    curve_secret_key: Path | None = None
+    """This app server's CURVE key pair (a ``.key_secret`` file); its public half must be in the
+    workers' ``curve_authorized_dir``. Set with ``curve_worker_key``, or neither."""
+
+    curve_worker_key: Path | None = None
+    """The workers' public key (their ``.key`` file): a worker holding another key is not talked to."""
+
+    @model_validator(mode="after")
+    def _curve_complete(self) -> AppSettings:
+        both_or_neither("curve_secret_key", self.curve_secret_key, "curve_worker_key", self.curve_worker_key)
+        return self
+
     def worker_endpoints(self) -> list[str]:
         return [u.strip() for u in self.worker_urls.split(",") if u.strip()]
 
@@ -260,3 +288,15 @@ class AppSettings(CommonSettings):
         if self.default and self.default not in names:
             names.append(self.default)
         return names
+
+
+def both_or_neither(name_a: str, a: object, name_b: str, b: object) -> None:
+    """Half a CURVE configuration is refused: it could only mean a process that cannot talk to its peers,
+    or one that was meant to be secured and is not."""
+    if (a is None) != (b is None):
+        given, missing = (name_a, name_b) if b is None else (name_b, name_a)
+        raise ValueError(f"{_flag(given)} is set but {_flag(missing)} is not: CURVE needs both, or neither")
+
+
+def _flag(field: str) -> str:
+    return f"--{field.replace('_', '-')} (TANDEM_{field.upper()})"

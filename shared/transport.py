@@ -2,7 +2,9 @@
 
 High-water marks bound memory on both sides; ``linger=0`` keeps shutdown from hanging on unsent
 messages; ``IMMEDIATE`` makes a DEALER refuse to queue for a peer that is not connected, so a request
-is never parked for a dead worker and delivered much later with a stale budget.
+is never parked for a dead worker and delivered much later with a stale budget. CURVE keys, when
+given, are set before the socket binds or connects (``shared/curve.py``): a socket is never open first
+and secured later.
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
+
+if TYPE_CHECKING:
+    from shared.curve import ClientKeys, ServerKeys
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +33,7 @@ def make_socket(
     connect: str | None = None,
     hwm: int = HWM,
     socket_class: type[zmq.Socket] | None = None,
+    curve: ServerKeys | ClientKeys | None = None,
 ) -> zmq.Socket:
     sock = ctx.socket(kind, socket_class=socket_class) if socket_class else ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
@@ -39,6 +45,8 @@ def make_socket(
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    if curve is not None:
+        curve.apply(sock)
     if bind:
         sock.bind(bind)
     if connect:

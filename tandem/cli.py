@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,6 +44,9 @@ Models = Annotated[
     ),
 ]
 LogLevel = Annotated[str | None, typer.Option("--log-level")]
+CurveSecretKey = Annotated[
+    Path | None, typer.Option(help="CURVE: this process's key pair, a .key_secret file (tandem keys generate).")
+]
 
 
 def build(cls: type[CommonSettings], **flags: Any) -> Any:
@@ -81,6 +86,10 @@ def worker(
     drain_grace_s: Annotated[float | None, typer.Option(help="On SIGTERM, refuse new work this long.")] = None,
     drain_timeout_s: Annotated[float | None, typer.Option(help="On SIGTERM, most time to finish work.")] = None,
     debug_delay_ms: Annotated[float | None, typer.Option(hidden=True, help="Testing: slow every batch.")] = None,
+    curve_secret_key: CurveSecretKey = None,
+    curve_authorized_dir: Annotated[
+        Path | None, typer.Option(help="CURVE: public keys (NAME.key) of the app servers let in; re-read on change.")
+    ] = None,
     log_requests: Annotated[bool | None, typer.Option("--log-requests", help="Log every request.")] = None,
     slow_request_ms: Annotated[float | None, typer.Option(help="Log requests slower than this.")] = None,
     registry_uri: RegistryUri = None,
@@ -96,7 +105,7 @@ def worker(
     ] = None,
 ) -> None:
     """Run one worker: ZeroMQ server, a batcher and registry watch per model, the shared executor."""
-    settings = build(WorkerSettings, **locals())
+    settings = build_or_exit(WorkerSettings, **locals())
     logs.configure(settings.log_level, settings.log_format, "worker", secret_urls=[settings.resolved_registry_uri()])
     from ml_worker.runners import pin_openmp_threads
 
@@ -104,7 +113,8 @@ def worker(
     from ml_worker.server import run_worker
     from shared.runtime import run_loop
 
-    run_loop(run_worker(settings))
+    with config_errors():
+        run_loop(run_worker(settings))
 
 
 @app.command("app")
@@ -135,13 +145,15 @@ def app_server(
     api_keys_protect_metrics: Annotated[
         bool | None, typer.Option("--api-keys-protect-metrics", help="With --api-keys-file: /metrics needs a key too.")
     ] = None,
+    curve_secret_key: CurveSecretKey = None,
+    curve_worker_key: Annotated[Path | None, typer.Option(help="CURVE: the workers' public key (a .key file).")] = None,
     log_level: LogLevel = None,
     redis_url_file: Annotated[
         Path | None, typer.Option(help="File holding the Redis URL (a mounted Secret), instead of --redis-url.")
     ] = None,
 ) -> None:
     """Run one app server (uvicorn); it serves every model its workers serve, routing by name."""
-    settings = build(AppSettings, **locals())
+    settings = build_or_exit(AppSettings, **locals())
     import uvicorn
 
     from app_server.api_keys import ApiKeyFileError
@@ -149,7 +161,8 @@ def app_server(
 
     logs.configure(settings.log_level, settings.log_format, "app", secret_urls=[settings.redis_url])
     try:
-        application = serve(settings)
+        with config_errors():
+            application = serve(settings)
     except ApiKeyFileError as exc:  # never an open server by accident: no usable keys, no server
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -161,6 +174,31 @@ def app_server(
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
     )
+
+
+@contextlib.contextmanager
+def config_errors() -> Iterator[None]:
+    """A setting or a file it names is wrong (an unreadable key file, say): one line, exit status 2."""
+    from shared.errors import ConfigError
+
+    try:
+        yield
+    except ConfigError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+
+
+def build_or_exit(cls: type[CommonSettings], **flags: Any) -> Any:
+    """:func:`build` for a server command: settings that do not validate are one line each, exit status 2."""
+    from pydantic import ValidationError
+
+    try:
+        return build(cls, **flags)
+    except ValidationError as exc:
+        for e in exc.errors():
+            where = ".".join(map(str, e["loc"]))
+            typer.echo(f"error: {where + ': ' if where else ''}{e['msg'].removeprefix('Value error, ')}", err=True)
+        raise typer.Exit(2) from None
 
 
 WORKER_ONLY = (

@@ -78,7 +78,7 @@ def test_app_image_installs_the_cpu_torch_before_the_project() -> None:
 def test_worker_image_is_cuda_with_onnxruntime_gpu() -> None:
     assert all(i.startswith("nvidia/cuda:") and "cudnn-runtime" in i for i in base_images("worker.Dockerfile"))
     runs = " ".join(a for op, a in instructions("worker.Dockerfile") if op == "RUN")
-    assert 'pip install ".[gpu]"' in runs
+    assert 'pip install ".[gpu,trees]"' in runs
     assert "pip uninstall -y onnxruntime onnxruntime-gpu" in runs, "the CPU onnxruntime must not shadow the GPU one"
 
 
