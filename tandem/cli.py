@@ -271,6 +271,12 @@ def up(
     require_integrity: Annotated[
         bool | None, typer.Option("--require-integrity", help="Workers refuse versions without sha256 records.")
     ] = None,
+    secure: Annotated[
+        bool,
+        typer.Option(
+            "--secure", help="Fresh CURVE keys between app and workers, and an API key (printed once) for the HTTP API."
+        ),
+    ] = False,
 ) -> None:
     """Everything local: registry, demo models, N workers and one app server. Ctrl-C stops it all.
 
@@ -299,7 +305,13 @@ def up(
     app_flags = as_flags(APP_ONLY)
     if log_requests:
         worker_flags["log-requests"] = app_flags["log-requests"] = ""
+    api_key = None
+    if secure:
+        from tandem.up import secure_flags
+
+        api_key = secure_flags(home or DEFAULT_HOME, worker_flags, app_flags)
     stack = Stack(
+        api_key=api_key,
         home=home or DEFAULT_HOME,
         port=port,
         workers=workers,

@@ -71,6 +71,8 @@ class Stack:
     worker_flags: dict[str, str] = field(default_factory=dict)
     app_flags: dict[str, str] = field(default_factory=dict)
     children: list[Child] = field(default_factory=list)
+    api_key: str | None = None
+    """With ``--secure``: the API key of this run, printed once with the ready message."""
     _stopping: bool = False
     _next_refusal_check: float = 0.0
     _refusals_shown: set[tuple[str, str, str]] = field(default_factory=set)
@@ -176,7 +178,9 @@ class Stack:
 
     def _get(self, path: str) -> tuple[int, bytes]:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", headers=headers)
+            with urllib.request.urlopen(request, timeout=2) as r:
                 return r.status, r.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
@@ -242,6 +246,13 @@ class Stack:
             f"\nTandem is ready in {elapsed:.1f} s: {url}  ({len(served)} models, {self.workers} workers; "
             "Ctrl-C stops everything)\n"
         ]
+        auth = ""
+        if self.api_key:
+            lines.append(
+                "  Secured: CURVE between the app server and the workers; the HTTP API needs this key, shown only "
+                f"now (its sha256 is in {self.home / 'secure' / API_KEYS_FILE}):\n\n    {self.api_key}\n"
+            )
+            auth = f" -H 'Authorization: Bearer {self.api_key}'"
         for info in served:
             if not info.get("version"):
                 lines.append(f"  # {info['name']}: not served (refused, see above)\n")
@@ -250,9 +261,10 @@ class Stack:
             payload = json.dumps({"instances": [example]})
             lines.append(f"  # {info['name']} v{info.get('version')}")
             lines.append(
-                f"  curl -s {url}/v1/models/{info['name']}/predict -H 'content-type: application/json' -d '{payload}'\n"
+                f"  curl -s {url}/v1/models/{info['name']}/predict{auth} -H 'content-type: application/json' "
+                f"-d '{payload}'\n"
             )
-        lines.append(f"  curl -s {url}/v1/models      # every model: fields, an example, workers")
+        lines.append(f"  curl -s{auth} {url}/v1/models      # every model: fields, an example, workers")
         print("\n".join(lines) + "\n", flush=True)
 
     def _supervise(self) -> None:
@@ -289,3 +301,24 @@ class Stack:
                 os.killpg(c.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
                 c.proc.wait()  # type: ignore[union-attr]
         logger.info("stopped")
+
+
+API_KEYS_FILE = "api_keys.jsonl"
+
+
+def secure_flags(home: Path, worker_flags: dict[str, str], app_flags: dict[str, str]) -> str:
+    """``tandem up --secure``: fresh CURVE keys for this run's workers and app server, and a fresh API-key
+    file holding one key, added to their flags; returns the key (shown once, never stored). Fresh on
+    every run, so a key printed by an earlier run stops working when it ends."""
+    from app_server.api_keys import new_key
+    from shared.curve import local_stack_keys
+
+    folder = home / "secure"
+    (folder / "curve").mkdir(parents=True, exist_ok=True)
+    worker_curve, app_curve = local_stack_keys(folder / "curve")
+    keys_file = folder / API_KEYS_FILE
+    keys_file.unlink(missing_ok=True)
+    key = new_key(keys_file, "local", None, None)
+    worker_flags.update(worker_curve)
+    app_flags.update({**app_curve, "api-keys-file": str(keys_file)})
+    return key

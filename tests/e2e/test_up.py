@@ -130,3 +130,44 @@ def test_up_serves_two_models_prints_a_working_curl_for_each_and_stops_cleanly(t
         time.sleep(0.2)
     assert _children_of(home, port) == []
     assert re.search(r"stopped", "".join(lines) + (proc.stdout.read() or ""))
+
+
+def test_up_secure_needs_the_printed_key_and_its_workers_answer_no_stranger(tmp_path):
+    """``tandem up --secure``: CURVE between the tiers and an API key printed once; without the key the
+    HTTP API says 401, and a raw ZeroMQ client without a CURVE key gets nothing from a worker."""
+    import msgpack
+    import zmq
+
+    home, port = tmp_path / "home", free_port()
+    argv = [sys.executable, "-m", "tandem", "up", "--secure", "--home", str(home), "--port", str(port),
+            "--workers", "1", "--models", "demo"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "TANDEM_LOG_FORMAT": "text"}, start_new_session=True)  # fmt: skip
+    lines: list[str] = []
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 120 and "/v1/models      #" not in "".join(lines[-1:]):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        output = "".join(lines)
+        keys = re.findall(r"^\s+(tdm_\S+)\s*$", output, re.M)
+        assert len(keys) == 1, output[-3000:]
+        (curl,) = [shlex.split(line.strip()) for line in lines if "/predict" in line and "curl" in line]
+        url, payload = curl[2], curl[curl.index("-d") + 1]
+        assert f"Authorization: Bearer {keys[0]}" in curl
+        plain = {"content-type": "application/json"}
+        assert httpx.post(url, content=payload, headers=plain).status_code == 401
+        r = httpx.post(url, content=payload, headers={**plain, "Authorization": f"Bearer {keys[0]}"})
+        assert r.status_code == 200, r.text
+        assert keys[0] not in (home / "secure" / "api_keys.jsonl").read_text()  # only its hash is kept
+        endpoint = re.search(r"workers \((tcp://[0-9.:]+)\)", output).group(1)
+        with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as stranger:
+            stranger.setsockopt(zmq.LINGER, 0)
+            stranger.connect(endpoint)
+            stranger.send_multipart([msgpack.packb({"v": 1, "kind": "ping", "id": "x", "budget_ms": 1000.0})])
+            assert stranger.poll(1500) == 0, "a worker answered a client without a CURVE key"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM) if proc.poll() is None else None
+        proc.wait(30)
