@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from app_server import v1, v2
+from app_server.admission import Admission
 from app_server.api_keys import ApiKeyMiddleware, ApiKeys
 from app_server.catalog import ModelCatalog
 from app_server.error_render import error_response
@@ -61,15 +62,19 @@ def create_app(settings: AppSettings, pool: WorkerPool | None = None) -> FastAPI
     feature_store = RedisFeatureStore.from_settings(settings) if settings.redis_url else None
     cache = PredictionCache.from_settings(settings)
     dispatcher = Dispatcher(settings, pool)
+    admission = Admission.from_settings(settings)  # None with --no-admission
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
         await pool.start()
         tune_gc()
         key_watch = asyncio.create_task(api_keys.watch()) if api_keys is not None else None
+        lag_probe = asyncio.create_task(admission.lag.run()) if admission is not None else None
         try:
             yield
         finally:
+            if lag_probe is not None:
+                lag_probe.cancel()
             if key_watch is not None:
                 key_watch.cancel()
             await pool.close()
@@ -86,6 +91,7 @@ def create_app(settings: AppSettings, pool: WorkerPool | None = None) -> FastAPI
     )
     app.state.settings = settings
     app.state.api_keys = api_keys
+    app.state.admission = admission
     app.state.catalog = ModelCatalog(settings, pool)
     app.state.dispatcher = dispatcher
     app.state.predictor = Predictor(settings, pool, feature_store, cache, dispatcher)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from app_server import metrics
+from app_server.admission import note_worker_wait
 from app_server.worker_conn import WorkerConn
 from app_server.workers import WorkerLost, WorkerPool
 from shared.errors import (
@@ -126,6 +127,8 @@ class Dispatcher:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceeded("deadline passed before the request reached a worker")
+            sent = time.monotonic()
+            reply = None
             try:
                 reply = await self.pool.infer(conn, model, target, {p.input_name: p.to_send}, remaining, request_id)
             except TimeoutError:
@@ -134,6 +137,8 @@ class Dispatcher:
                 logger.warning("request %s: %s; retrying elsewhere", request_id, exc.message)
                 last_error = self._retry_elsewhere(conn, model, exc, excluded)
                 continue
+            finally:
+                note_worker_wait((reply.received if reply is not None and reply.received else time.monotonic()) - sent)
             status = reply.header.get("status")
             if status == Status.OK:
                 answered_for = reply.header.get("model")

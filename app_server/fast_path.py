@@ -8,8 +8,10 @@ application: a request that one of the prediction routes matches (``POST /predic
 is matched by that very route object, handled by its endpoint, its errors rendered by
 :func:`~app_server.error_render.error_response` and counted by :func:`~app_server.http_metrics.observe`,
 exactly as the routed application would, after the same API key check
-(:meth:`~app_server.api_keys.ApiKeys.check`) the application's middleware makes. Everything else goes
-through FastAPI, and OpenAPI still documents the prediction routes.
+(:meth:`~app_server.api_keys.ApiKeys.check`) the application's middleware makes. Then admission
+(:mod:`app_server.admission`) decides, before the body is read, whether the server can take it now; a
+refusal is rendered like any other error. Everything else goes through FastAPI, and OpenAPI still
+documents the prediction routes.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from starlette.requests import Request
 from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
+from app_server.admission import Admission
 from app_server.api_keys import ApiKeys, refusal
 from app_server.error_render import error_response
 from app_server.http_metrics import observe
+from shared.errors import Overloaded
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +41,7 @@ class PredictFastPath:
         self.routes = tuple(routes)
         """The application's own route objects for the prediction endpoints, ``/predict`` first."""
         self.api_keys: ApiKeys | None = getattr(app.state, "api_keys", None)
+        self.admission: Admission | None = getattr(app.state, "admission", None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -57,9 +62,18 @@ class PredictFastPath:
             await refusal(scope, refused)(scope, receive, send)
             observe(scope, refused.http_status, t0)
             return
+        ticket = None
         try:
-            response = await route.endpoint(request, **child["path_params"])
-        except Exception as exc:
-            response = error_response(request, exc)
-        await response(scope, receive, send)
+            try:
+                if self.admission is not None:
+                    ticket = self.admission.enter()
+                response = await route.endpoint(request, **child["path_params"])
+            except Overloaded as exc:  # refusals at the door are counted, not logged: a flood would flood the log
+                response = error_response(request, exc, log=ticket is not None)
+            except Exception as exc:
+                response = error_response(request, exc)
+            await response(scope, receive, send)
+        finally:
+            if ticket is not None:
+                self.admission.leave(ticket)  # type: ignore[union-attr]
         observe(scope, response.status_code, t0)

@@ -57,6 +57,16 @@ API_KEY_RELOADS = Counter(
     ["result"],
 )
 
+# -- app-tier admission (app_server/admission.py) --
+ADMISSION_LIMIT = Gauge("tandem_admission_limit", "The adaptive concurrency limit on predictions in progress")
+ADMISSION_IN_FLIGHT = Gauge("tandem_admission_in_flight", "Predictions in progress, as the admission limit counts them")
+ADMISSION_REJECTIONS = Counter(
+    "tandem_admission_rejections_total",
+    "Predictions refused 503 at the door, by reason: limit (concurrency limit), loop_lag (event loop behind)",
+    ["reason"],
+)
+LOOP_LAG = Gauge("tandem_event_loop_lag_seconds", "How late the app server's event loop last ran a timer")
+
 _children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
 

@@ -219,7 +219,7 @@ class WorkerPool:
                 self._on_pong(conn, msg.header)
             except Exception:  # a malformed heartbeat must not end this worker's receive loop
                 logger.exception("bad heartbeat from %s", conn.endpoint)
-        conn.last_seen = time.monotonic()
+        conn.last_seen = msg.received = time.monotonic()
         conn.unanswered = 0
         fut = conn.pending.pop(msg.id, None)
         if fut is not None and not fut.done():

@@ -135,3 +135,9 @@ def forget_model(name: str) -> None:
 def remove_series(metric: Any, *labels: str) -> None:
     with contextlib.suppress(KeyError):  # never created
         metric.remove(*labels)
+
+
+# -- fault injection (ml_worker/faults.py) --
+FAULT_STALLS = Counter(
+    "tandem_worker_fault_stalls_total", "Batches stalled on purpose by --fault-stall-ms/--fault-stall-percent (drills)"
+)

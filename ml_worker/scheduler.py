@@ -22,6 +22,7 @@ import numpy as np
 from ml_worker import replies
 from ml_worker.batcher import Pending
 from ml_worker.executor import Executor
+from ml_worker.faults import with_faults
 from ml_worker.runners import join
 from ml_worker.sharing import FairShare
 from ml_worker.slots import ModelSlot
@@ -173,7 +174,7 @@ class Scheduler:
             self._release(slot)
             asyncio.get_running_loop().call_soon(self.pump)  # the slot is free again
             return
-        run = loaded.runner.run if not self.settings.debug_delay_ms else self._delayed(loaded.runner.run)
+        run = with_faults(loaded.runner.run, self.settings)
         xs = [p.x for p in batch]
 
         def job() -> dict[str, np.ndarray]:  # the copy into one array is the executor thread's, too
@@ -268,15 +269,6 @@ class Scheduler:
                 self.send(p.reply_to, frames)
         for ident, frames_list in enveloped.items():
             self.send(ident, frames_list[0] if len(frames_list) == 1 else protocol.pack_batch(frames_list))
-
-    def _delayed(self, run: Any) -> Any:
-        delay_s = self.settings.debug_delay_ms / 1000
-
-        def slow_run(x: np.ndarray) -> dict[str, np.ndarray]:
-            time.sleep(delay_s)
-            return run(x)
-
-        return slow_run
 
     def take_running(self) -> list[Pending]:
         """Every request of the batches still on the executor; their late results will be dropped."""

@@ -87,6 +87,9 @@ class Message:
     header: dict[str, Any]
     tensors: dict[str, Any] = field(default_factory=dict)
     """Arrays by name; a table input (dtype ``arrow``) is a ``pyarrow.RecordBatch``."""
+    received: float = 0.0
+    """When a reply reached the app server (its ``time.monotonic()``; 0 where nobody stamped it): the
+    time from there to the awaiting request resuming is the app server's own, not the worker's."""
 
     @property
     def id(self) -> str:

@@ -172,6 +172,13 @@ class WorkerSettings(CommonSettings):
     """Directory of the public keys (``NAME.key``) of the app servers allowed in. Re-read every few
     seconds: adding a file admits its key, removing one drops it, without a restart."""
 
+    # -- fault injection for drills (ml_worker/faults.py) --
+    fault_stall_ms: float = Field(0.0, ge=0)
+    """Drills and tests only: stall this long before ``fault_stall_percent`` % of batches (0: never)."""
+
+    fault_stall_percent: float = Field(0.0, ge=0, le=100)
+    """Share of batches, in percent, that ``fault_stall_ms`` stalls, chosen at random."""
+
     @field_validator("tag")
     @classmethod
     def _tag_has_value(cls, tag: str | None) -> str | None:
@@ -251,6 +258,28 @@ class AppSettings(CommonSettings):
 
     dns_refresh_s: float = Field(5.0, gt=0)
     """How often a ``dns+tcp://`` worker name is re-resolved."""
+
+    # -- admission at the door, and hedged requests (app_server/admission.py, app_server/hedging.py) --
+    admission: bool = True
+    """Refuse predictions (503 ``overloaded``) past an adaptive concurrency limit or while the event loop
+    lags; off: only ``max_in_flight`` bounds what this server holds."""
+
+    admission_target_ms: float = Field(50.0, gt=0)
+    """This server's own time per request (worker waits excluded) above which the limit is cut."""
+
+    admission_initial_limit: int = Field(64, ge=1)
+    """The concurrency limit at start; it adapts from there, up to ``max_in_flight``."""
+
+    admission_min_limit: int = Field(4, ge=1)
+    """The limit is never cut below this."""
+
+    admission_max_lag_ms: float = Field(250.0, gt=0)
+    """Refuse new predictions while the event loop runs timers later than this."""
+
+    http_loop: Literal["asyncio", "uvloop"] = "asyncio"
+    """uvicorn's event loop. asyncio's accepts waiting connections at once, so admission sees (and
+    refuses) a flood; under uvloop, past capacity, connections waited unaccepted in the listen queue,
+    where nothing can refuse them, until callers timed out (docs/architecture.md)."""
 
     # -- API keys (app_server/api_keys.py) --
     api_keys_file: Path | None = None

@@ -12,6 +12,7 @@ import typer
 
 from shared import logs
 from shared.settings import DEFAULT_HOME, AppSettings, CommonSettings, WorkerSettings
+from tandem import tail_options as tail
 from tandem.features_cli import app as features_app
 from tandem.keys_cli import app as keys_app
 from tandem.models_cmd import models
@@ -66,6 +67,8 @@ def worker(
     drain_grace_s: Annotated[float | None, typer.Option(help="On SIGTERM, refuse new work this long.")] = None,
     drain_timeout_s: Annotated[float | None, typer.Option(help="On SIGTERM, most time to finish work.")] = None,
     debug_delay_ms: Annotated[float | None, typer.Option(hidden=True, help="Testing: slow every batch.")] = None,
+    fault_stall_ms: tail.FaultStallMs = None,
+    fault_stall_percent: tail.FaultStallPercent = None,
     curve_secret_key: CurveSecretKey = None,
     curve_authorized_dir: Annotated[
         Path | None, typer.Option(help="CURVE: public keys (NAME.key) of the app servers let in; re-read on change.")
@@ -116,6 +119,10 @@ def app_server(
     timeout_ms: Annotated[float | None, typer.Option(help="Default request deadline.")] = None,
     max_instances: Annotated[int | None, typer.Option()] = None,
     max_in_flight: Annotated[int | None, typer.Option()] = None,
+    admission: tail.Admission = None,
+    admission_max_lag_ms: tail.AdmissionMaxLagMs = None,
+    hedge_after_ms: tail.HedgeAfterMs = None,
+    hedge_budget: tail.HedgeBudget = None,
     heartbeat_interval: Annotated[float | None, typer.Option()] = None,
     log_requests: Annotated[bool | None, typer.Option("--log-requests", help="Log every request.")] = None,
     slow_request_ms: Annotated[float | None, typer.Option(help="Log requests slower than this.")] = None,
@@ -153,6 +160,7 @@ def app_server(
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+        loop=settings.http_loop,
     )
 
 
