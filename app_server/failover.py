@@ -23,6 +23,7 @@ import numpy as np
 
 from app_server import metrics
 from app_server.admission import note_worker_wait
+from app_server.hedging import Hedger
 from app_server.worker_conn import WorkerConn
 from app_server.workers import WorkerLost, WorkerPool
 from shared.errors import (
@@ -72,6 +73,8 @@ class Dispatcher:
         self.settings = settings
         self.pool = pool
         self.in_flight = 0
+        after_ms = settings.hedge_after_ms
+        self.hedger = Hedger(settings.hedge_budget, None if after_ms is None else after_ms / 1000)
         metrics.IN_FLIGHT.set_function(lambda: self.in_flight)  # read at scrape time, not set per request
 
     @contextmanager
@@ -130,7 +133,7 @@ class Dispatcher:
             sent = time.monotonic()
             reply = None
             try:
-                reply = await self.pool.infer(conn, model, target, {p.input_name: p.to_send}, remaining, request_id)
+                reply = await self._send(conn, model, target, p, deadline, request_id, excluded)
             except TimeoutError:
                 raise DeadlineExceeded(f"no answer within the deadline (worker {conn.endpoint})") from None
             except WorkerLost as exc:
@@ -166,6 +169,35 @@ class Dispatcher:
             raise error
         assert last_error is not None
         raise self._nobody_left(model, last_error) if isinstance(last_error, ModelNotFound) else last_error
+
+    async def _send(
+        self,
+        conn: WorkerConn,
+        model: str,
+        version: str,
+        p: Prepared,
+        deadline: float,
+        request_id: str,
+        excluded: set[str],
+    ) -> Message:
+        """One call to ``conn``, hedged to another worker holding ``version`` when it is slow."""
+        inputs = {p.input_name: p.to_send}
+
+        async def call(c: WorkerConn) -> Message:
+            sent = time.monotonic()
+            reply = await self.pool.infer(c, model, version, inputs, max(deadline - sent, 0.001), request_id)
+            if reply.header.get("status") == Status.OK:
+                self.hedger.observe(model, (reply.received or time.monotonic()) - sent)
+            return reply
+
+        def second() -> WorkerConn | None:
+            skip = excluded | {conn.endpoint} | self._lacking(model, version)
+            try:
+                return self.pool.pick(model, skip)
+            except NoWorkers:
+                return None
+
+        return await self.hedger.call(model, conn, call, second, lambda: deadline - time.monotonic())
 
     def _retry_elsewhere(self, conn: WorkerConn, model: str, exc: TandemError, excluded: set[str]) -> TandemError:
         """Count a retry, keep ``conn`` out of this request, and return the error to raise if none is left."""

@@ -67,6 +67,14 @@ ADMISSION_REJECTIONS = Counter(
 )
 LOOP_LAG = Gauge("tandem_event_loop_lag_seconds", "How late the app server's event loop last ran a timer")
 
+# -- hedged requests (app_server/hedging.py) --
+HEDGES = Counter(
+    "tandem_hedges_total",
+    "Hedged calls by outcome: sent; won (the hedge answered first) or lost (the first worker did); "
+    "budget and deadline (a hedge not sent for lack of budget or of time before the deadline)",
+    ["model", "outcome"],
+)
+
 _children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
 

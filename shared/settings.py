@@ -276,6 +276,12 @@ class AppSettings(CommonSettings):
     admission_max_lag_ms: float = Field(250.0, gt=0)
     """Refuse new predictions while the event loop runs timers later than this."""
 
+    hedge_budget: float = Field(0.05, ge=0, le=1)
+    """Hedged calls as a share of requests, at most (tokens per request; 0 turns hedging off)."""
+
+    hedge_after_ms: float | None = Field(None, gt=0)
+    """Hedge a call unanswered this long; unset: after the model's rolling p95 worker round trip."""
+
     http_loop: Literal["asyncio", "uvloop"] = "asyncio"
     """uvicorn's event loop. asyncio's accepts waiting connections at once, so admission sees (and
     refuses) a flood; under uvloop, past capacity, connections waited unaccepted in the listen queue,
