@@ -93,6 +93,7 @@ def summarize(
         "p50_ms": ms(50),
         "p95_ms": ms(95),
         "p99_ms": ms(99),
+        "p999_ms": ms(99.9),
         "max_ms": round(float(lat[-1]), 3) if len(lat) else None,
         "versions": dict(sorted(versions.items())),
     }

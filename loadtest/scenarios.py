@@ -6,8 +6,10 @@ mid-load; p99 before, during and after the swap, and how long until every worker
 p99 before/during/after, ``/readyz`` while it happens, and the supervisor restarting the worker.
 ``overload``: three deliberately slow workers (``--debug-delay-ms``) offered ten times their
 capacity; which statuses come back, the shed rate, and how fast the stack serves normally afterwards.
+``overload-app`` and ``slow-worker`` (the app server's own overload, and hedged requests):
+:mod:`loadtest.tail_scenarios`.
 
-    python -m loadtest.scenarios rollout|failover|overload [--json OUT]
+    python -m loadtest.scenarios rollout|failover|overload|overload-app|slow-worker [--json OUT]
 """
 
 from __future__ import annotations
@@ -254,7 +256,7 @@ def overload(capacity_factor: float = 10.0) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtest.scenarios", description=__doc__.split("\n\n")[0])
-    ap.add_argument("scenario", choices=["rollout", "failover", "overload"])
+    ap.add_argument("scenario", choices=["rollout", "failover", "overload", "overload-app", "slow-worker"])
     ap.add_argument("--rate", type=float, default=None, help="steady rate (default 100 rollout, 150 failover)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -262,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         result = rollout(args.rate or 100.0)
     elif args.scenario == "failover":
         result = failover(args.rate or 150.0)
+    elif args.scenario in ("overload-app", "slow-worker"):
+        from loadtest import tail_scenarios
+
+        run = tail_scenarios.overload_app if args.scenario == "overload-app" else tail_scenarios.slow_worker
+        result = run(args.rate)
     else:
         result = overload()
     report.emit(result, args.json)

@@ -1,0 +1,64 @@
+"""Hedged requests (issue 18): one worker of three stalls now and then; hedging cuts the tail it makes,
+within its budget, without an error; with every worker healthy it sends almost nothing."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from procs import wait_for, wait_ready
+
+from app_server.hedging import MAX_BALANCE
+from loadtest import openloop
+
+pytestmark = pytest.mark.slow
+
+BODY = json.dumps({"instances": [{"amount": 42.0, "merchant_category": "travel", "channel": "web"}]}).encode()
+RATE, SECONDS = 120, 6.0
+
+
+def three_in_pool(url: str) -> bool:
+    return sum(w["alive"] for w in httpx.get(f"{url}/v1/models").json()["models"][0]["workers"]) == 3
+
+
+def warm(url: str) -> int:
+    """Enough round trips for the model's rolling p95, which times hedges."""
+    r = openloop.run(f"{url}/predict", BODY, 50, 1.5, timeout_ms=2000)
+    assert r["errors"] == {}, r
+    return r["sent"]
+
+
+def test_hedging_halves_the_p99_one_stalling_worker_makes(stack, demo_registry):
+    stall = ("--fault-stall-ms", "200", "--fault-stall-percent", "5")
+    workers = [stack.worker(demo_registry.uri) for _ in range(2)] + [stack.worker(demo_registry.uri, *stall)]
+    endpoints = [w.endpoint for w in workers]
+    plain = stack.app(endpoints, "--hedge-budget", "0")
+    hedged = stack.app(endpoints)
+    for a in (plain, hedged):
+        wait_ready(a)
+        wait_for(lambda a=a: three_in_pool(a.url), 10, what="three workers in the pool")
+    sent = warm(hedged.url)
+    warm(plain.url)
+    off = openloop.run(f"{plain.url}/predict", BODY, RATE, SECONDS, timeout_ms=2000, poisson=True)
+    on = openloop.run(f"{hedged.url}/predict", BODY, RATE, SECONDS, timeout_ms=2000, poisson=True)
+    sent += on["sent"]
+    assert off["errors"] == {} and on["errors"] == {}, (off, on)
+    assert workers[2].counter("tandem_worker_fault_stalls_total") > 0
+    assert off["p99_ms"] >= 100, off  # the stalls do make the tail without hedging
+    assert on["p99_ms"] <= off["p99_ms"] / 2, (on, off)
+    hedges = hedged.counter("tandem_hedges_total", model="demo", outcome="sent")
+    assert 0 < hedges <= 0.05 * sent + MAX_BALANCE
+    assert plain.counter("tandem_hedges_total", model="demo", outcome="sent") == 0
+
+
+def test_with_every_worker_healthy_hedging_sends_almost_nothing(stack, demo_registry):
+    workers = [stack.worker(demo_registry.uri) for _ in range(3)]
+    a = stack.app([w.endpoint for w in workers])
+    wait_ready(a)
+    wait_for(lambda: three_in_pool(a.url), 10, what="three workers in the pool")
+    sent = warm(a.url)
+    load = openloop.run(f"{a.url}/predict", BODY, RATE, 4.0, timeout_ms=2000, poisson=True)
+    sent += load["sent"]
+    assert load["errors"] == {}, load
+    assert a.counter("tandem_hedges_total", model="demo", outcome="sent") <= 0.01 * sent
