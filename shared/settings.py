@@ -282,6 +282,9 @@ class AppSettings(CommonSettings):
     hedge_after_ms: float | None = Field(None, gt=0)
     """Hedge a call unanswered this long; unset: after the model's rolling p95 worker round trip."""
 
+    reuse_port: bool = False
+    """Bind the port with ``SO_REUSEPORT`` so several app server processes share it (``tandem up --apps``)."""
+
     http_loop: Literal["asyncio", "uvloop"] = "asyncio"
     """uvicorn's event loop. asyncio's accepts waiting connections at once, so admission sees (and
     refuses) a flood; under uvloop, past capacity, connections waited unaccepted in the listen queue,

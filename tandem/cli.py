@@ -123,6 +123,7 @@ def app_server(
     admission_max_lag_ms: tail.AdmissionMaxLagMs = None,
     hedge_after_ms: tail.HedgeAfterMs = None,
     hedge_budget: tail.HedgeBudget = None,
+    reuse_port: tail.ReusePort = None,
     heartbeat_interval: Annotated[float | None, typer.Option()] = None,
     log_requests: Annotated[bool | None, typer.Option("--log-requests", help="Log every request.")] = None,
     slow_request_ms: Annotated[float | None, typer.Option(help="Log requests slower than this.")] = None,
@@ -141,10 +142,9 @@ def app_server(
 ) -> None:
     """Run one app server (uvicorn); it serves every model its workers serve, routing by name."""
     settings = build_or_exit(AppSettings, **locals())
-    import uvicorn
-
     from app_server.api_keys import ApiKeyFileError
     from app_server.app import serve
+    from tandem.app_run import run_uvicorn
 
     logs.configure(settings.log_level, settings.log_format, "app", secret_urls=[settings.redis_url])
     try:
@@ -153,15 +153,7 @@ def app_server(
     except ApiKeyFileError as exc:  # never an open server by accident: no usable keys, no server
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    uvicorn.run(
-        application,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
-        loop=settings.http_loop,
-    )
+    run_uvicorn(application, settings)
 
 
 @contextlib.contextmanager
@@ -225,6 +217,7 @@ def up(
     home: Annotated[Path | None, typer.Option(help="Registry, artifacts and cache (default ./.tandem).")] = None,
     port: Annotated[int, typer.Option(help="App server HTTP port.")] = 8000,
     workers: Annotated[int, typer.Option(help="Worker processes.")] = 2,
+    apps: tail.Apps = 1,
     models: Annotated[
         str | None,
         typer.Option(help="Models every worker serves (default *: every model with the alias; see `tandem worker`)."),
@@ -303,6 +296,7 @@ def up(
         home=home or DEFAULT_HOME,
         port=port,
         workers=workers,
+        apps=apps,
         targets=targets,
         registry_uri=registry_uri_for_write(registry_uri, home),
         worker_flags=worker_flags,

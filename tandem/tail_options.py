@@ -23,3 +23,9 @@ HedgeAfterMs = Annotated[
     typer.Option(help="Hedge a call unanswered this long (default: the model's rolling p95 round trip)."),
 ]
 HedgeBudget = Annotated[float | None, typer.Option(help="Hedges as a share of requests, at most (0 turns them off).")]
+ReusePort = Annotated[
+    bool | None, typer.Option("--reuse-port", help="Bind with SO_REUSEPORT: several app servers share the port.")
+]
+Apps = Annotated[
+    int, typer.Option(min=1, help="App server processes, sharing --port (SO_REUSEPORT): more cores for HTTP.")
+]

@@ -66,6 +66,8 @@ class Stack:
     home: Path
     port: int = 8000
     workers: int = 2
+    apps: int = 1
+    """App server processes, all on ``port`` (``SO_REUSEPORT``): the kernel spreads connections over them."""
     targets: list[ModelTarget] = field(default_factory=lambda: [ModelTarget("*")])
     registry_uri: str | None = None
     worker_flags: dict[str, str] = field(default_factory=dict)
@@ -169,11 +171,19 @@ class Stack:
             app_argv += ["--default-model", self.default_model]
         for flag, value in self.app_flags.items():
             app_argv += [f"--{flag}", value] if value else [f"--{flag}"]
-        self.children.append(Child("app", app_argv))
+        if self.apps == 1:
+            self.children.append(Child("app", app_argv))
+        else:
+            self.children += [Child(f"app-{i}", [*app_argv, "--reuse-port"]) for i in range(self.apps)]
         for child in self.children:
             child.start()
         logger.info(
-            "started %d workers (%s) and the app server on port %d", self.workers, ", ".join(endpoints), self.port
+            "started %d workers (%s) and %d app server%s on port %d",
+            self.workers,
+            ", ".join(endpoints),
+            self.apps,
+            "" if self.apps == 1 else "s",
+            self.port,
         )
 
     def _get(self, path: str) -> tuple[int, bytes]:
@@ -243,7 +253,8 @@ class Stack:
         served.sort(key=lambda m: order.index(m["name"]) if m["name"] in order else len(order))
         url = f"http://127.0.0.1:{self.port}"
         lines = [
-            f"\nTandem is ready in {elapsed:.1f} s: {url}  ({len(served)} models, {self.workers} workers; "
+            f"\nTandem is ready in {elapsed:.1f} s: {url}  ({len(served)} models, {self.workers} workers"
+            f"{f', {self.apps} app servers' if self.apps > 1 else ''}; "
             "Ctrl-C stops everything)\n"
         ]
         auth = ""
