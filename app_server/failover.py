@@ -185,7 +185,11 @@ class Dispatcher:
 
         async def call(c: WorkerConn) -> Message:
             sent = time.monotonic()
-            reply = await self.pool.infer(c, model, version, inputs, max(deadline - sent, 0.001), request_id)
+            try:
+                reply = await self.pool.infer(c, model, version, inputs, max(deadline - sent, 0.001), request_id)
+            except asyncio.CancelledError:  # lost to a hedge: at least this slow, which the p95 must see
+                self.hedger.observe(model, time.monotonic() - sent)
+                raise
             if reply.header.get("status") == Status.OK:
                 self.hedger.observe(model, (reply.received or time.monotonic()) - sent)
             return reply
