@@ -3,8 +3,9 @@
 One slow worker (a stall, a long batch, a noisy neighbour) sets the tail of every request routed to it.
 After the rolling p95 of a model's worker round trips (and at least twice their median; or
 ``--hedge-after-ms``), a call with no answer yet is sent again, to another worker holding the same
-version; the first good answer wins and the other copy is cancelled on the wire (the worker drops it if it is still queued; a batch already running
-finishes and its answer is dropped here). The caller gets exactly one answer either way.
+version; the first good answer wins and the other copy is cancelled on the wire (the worker drops it
+if it is still queued; a batch already running finishes and its answer is dropped here). The caller
+gets exactly one answer either way.
 
 Hedges are paid from a budget, as Finagle's backup requests are: every request deposits
 ``--hedge-budget`` of a token (default 0.05), a hedge costs a whole one, and the balance is capped, so
