@@ -34,7 +34,10 @@ from shared import registry
 from shared.features import load_spec
 from shared.settings import home_registry_uri
 
-CONFIGS = ("baseline", "baseline_per_core", "tandem_batch1", "tandem_adaptive")
+CONFIGS = ("baseline", "baseline_per_core", "tandem_batch1", "tandem_adaptive", "tandem_apps")
+"""``tandem_apps`` (not in the default set): ``tandem_adaptive`` with one app server per server CPU
+sharing the port, as ``tandem up --apps N`` runs them."""
+DEFAULT_CONFIGS = CONFIGS[:4]
 MODEL_NAMES = {"small": "demo", "large": "demo-large", "xlarge": "demo-xlarge"}
 
 
@@ -112,6 +115,7 @@ def start(config: str, model: Model, logs: Path, cpus: set[int], device: str = "
             device=device,
         )
     batch = 1 if config == "tandem_batch1" else 64
+    apps = len(cpus) if config == "tandem_apps" else 1
     return servers.start_tandem(
         config,
         model.uri,
@@ -123,6 +127,7 @@ def start(config: str, model: Model, logs: Path, cpus: set[int], device: str = "
         batcher="simple" if batch == 1 else "adaptive",
         intra_op_threads=0,
         device=device,
+        apps=apps,
     )
 
 
@@ -131,7 +136,7 @@ def guess_start(config: str, ceiling: dict[str, Any], ncpus: int) -> float:
     single = 1.0 / (1.0 / ceiling["by_batch_size"]["1"] + 0.0005)  # one row plus ~0.5 ms of HTTP
     if config == "baseline_per_core":
         return 0.5 * single * ncpus
-    if config == "tandem_adaptive":
+    if config in ("tandem_adaptive", "tandem_apps"):
         return 0.4 * min(ceiling["rows_per_s"], 2000.0)
     return 0.5 * single
 
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--home", type=Path, default=Path(".tandem/bench"), help="bench registry and model cache")
     ap.add_argument("--client-cpus", help="CPUs of the load generator, e.g. 0 (default: CPU 0)")
     ap.add_argument("--server-cpus", help="CPUs every configuration gets, e.g. 1 or 0-1 (default: all)")
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset")
+    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated, of " + ",".join(CONFIGS))
     ap.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
     ap.add_argument("--write-doc", action="store_true", help="update --doc even after --quick")
     ap.add_argument("--multi-model", default="", help="also: N small models on one worker, e.g. 1,2,10,50")

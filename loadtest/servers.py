@@ -156,8 +156,10 @@ def start_tandem(
     intra_op_threads: int,
     device: str = "auto",
     worker_args: tuple[str, ...] = (),
+    apps: int = 1,
 ) -> Server:
-    """App server + one worker (``--device``, and any other worker flags in ``worker_args``)."""
+    """App server(s) + one worker (``--device``, and any other worker flags in ``worker_args``); with
+    ``apps`` > 1, that many app servers sharing the port (``--reuse-port``, as ``tandem up --apps``)."""
     wport, mport, aport = free_port(), free_port(), free_port()
     endpoint = f"tcp://127.0.0.1:{wport}"
     tandem = [sys.executable, "-m", "tandem"]
@@ -177,5 +179,9 @@ def start_tandem(
     )
     env = {"TANDEM_LOG_FORMAT": "text"}
     server.procs.append(spawn(worker, server.logs[0], cpus, env))
-    server.procs.append(spawn(app, server.logs[1], cpus, env))
+    if apps == 1:
+        server.procs.append(spawn(app, server.logs[1], cpus, env))
+        return server
+    for i in range(apps):
+        server.procs.append(spawn([*app, "--reuse-port"], logs / f"{name}-app{i}.log", cpus, env))
     return server
