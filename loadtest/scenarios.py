@@ -256,7 +256,7 @@ def overload(capacity_factor: float = 10.0) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtest.scenarios", description=__doc__.split("\n\n")[0])
-    ap.add_argument("scenario", choices=["rollout", "failover", "overload", "overload-app", "slow-worker"])
+    ap.add_argument("scenario", choices=["rollout", "failover", "overload", "overload-app", "slow-worker", "http-bound"])
     ap.add_argument("--rate", type=float, default=None, help="steady rate (default 100 rollout, 150 failover)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -264,10 +264,14 @@ def main(argv: list[str] | None = None) -> int:
         result = rollout(args.rate or 100.0)
     elif args.scenario == "failover":
         result = failover(args.rate or 150.0)
-    elif args.scenario in ("overload-app", "slow-worker"):
+    elif args.scenario in ("overload-app", "slow-worker", "http-bound"):
         from loadtest import tail_scenarios
 
-        run = tail_scenarios.overload_app if args.scenario == "overload-app" else tail_scenarios.slow_worker
+        run = {
+            "overload-app": tail_scenarios.overload_app,
+            "slow-worker": tail_scenarios.slow_worker,
+            "http-bound": tail_scenarios.http_bound,
+        }[args.scenario]
         result = run(args.rate)
     else:
         result = overload()

@@ -11,7 +11,12 @@ after the flood takes.
 hedging (the default) and one with ``--hedge-budget 0``; the same steady open-loop load on each in
 turn, twice. p50/p99/p99.9 side by side, hedges sent and won, stalls the worker made.
 
-    python -m loadtest.scenarios overload-app|slow-worker [--rate R] [--json OUT]
+``http-bound``: the small demo model, where HTTP costs more than the model: one FastAPI process with
+the model inside, Tandem with one app server, and Tandem with one app server per CPU sharing the port
+(``tandem up --apps N``); the highest rate each holds within a 50 ms p99 and no errors, side by side in
+one run (``loadtest.bench``'s search, short steps).
+
+    python -m loadtest.scenarios overload-app|slow-worker|http-bound [--rate R] [--json OUT]
 """
 
 from __future__ import annotations
@@ -144,3 +149,25 @@ def slow_worker(rate: float | None = None) -> dict[str, Any]:
             os.killpg(p.pid, signal.SIGTERM)
         for p in procs:
             p.wait(30)
+
+
+def http_bound(rate: float | None = None) -> dict[str, Any]:
+    import argparse
+
+    from loadtest import bench, engine
+
+    del rate  # each configuration's rate is searched
+    ctx = bench.bench_context(True)
+    model = bench.Model(Path(".tandem/bench"), "small")
+    cpus = ctx["server_cpus"]
+    ctx["ceiling"] = engine.ceiling(model.onnx, model.row, cpus, intra_op_threads=len(cpus), device="cpu")
+    args = argparse.Namespace(slo_p99_ms=50.0)
+    results = {c: bench.measure_config(c, model, args, ctx) for c in ("baseline", "tandem_adaptive", "tandem_apps")}
+    base = results["baseline"]["max_rate"] or float("nan")
+    return {
+        "scenario": "http-bound",
+        "machine": ctx["machine"],
+        "app_servers_in_tandem_apps": len(cpus),
+        "results": results,
+        "over_baseline": {c: round(r["max_rate"] / base, 2) for c, r in results.items()},
+    }
