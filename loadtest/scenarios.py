@@ -256,7 +256,8 @@ def overload(capacity_factor: float = 10.0) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtest.scenarios", description=__doc__.split("\n\n")[0])
-    ap.add_argument("scenario", choices=["rollout", "failover", "overload", "overload-app", "slow-worker", "http-bound"])
+    names = ["rollout", "failover", "overload", "overload-app", "slow-worker", "http-bound"]
+    ap.add_argument("scenario", choices=names)
     ap.add_argument("--rate", type=float, default=None, help="steady rate (default 100 rollout, 150 failover)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
