@@ -15,7 +15,8 @@ from loadtest import openloop
 pytestmark = pytest.mark.slow
 
 BODY = json.dumps({"instances": [{"amount": 42.0, "merchant_category": "travel", "channel": "web"}]}).encode()
-RATE, SECONDS = 120, 6.0
+RATE, SECONDS = 300, 5.0
+"""Enough that all three workers get traffic: at low load routing alone avoids a worker that was slow."""
 
 
 def three_in_pool(url: str) -> bool:
@@ -45,7 +46,7 @@ def test_hedging_halves_the_p99_one_stalling_worker_makes(stack, demo_registry):
     sent += on["sent"]
     assert off["errors"] == {} and on["errors"] == {}, (off, on)
     assert workers[2].counter("tandem_worker_fault_stalls_total") > 0
-    assert off["p99_ms"] >= 100, off  # the stalls do make the tail without hedging
+    assert off["max_ms"] >= 150, off  # without hedging, callers do wait out stalls
     assert on["p99_ms"] <= off["p99_ms"] / 2, (on, off)
     hedges = hedged.counter("tandem_hedges_total", model="demo", outcome="sent")
     assert 0 < hedges <= 0.05 * sent + MAX_BALANCE
@@ -61,4 +62,4 @@ def test_with_every_worker_healthy_hedging_sends_almost_nothing(stack, demo_regi
     load = openloop.run(f"{a.url}/predict", BODY, RATE, 4.0, timeout_ms=2000, poisson=True)
     sent += load["sent"]
     assert load["errors"] == {}, load
-    assert a.counter("tandem_hedges_total", model="demo", outcome="sent") <= 0.01 * sent
+    assert a.counter("tandem_hedges_total", model="demo", outcome="sent") <= 0.025 * sent  # half the budget
