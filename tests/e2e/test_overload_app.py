@@ -4,6 +4,7 @@ Retry-After, never a client timeout, and the first request after the flood is an
 from __future__ import annotations
 
 import json
+import socket
 import time
 
 import httpx
@@ -78,6 +79,11 @@ def test_health_and_metrics_still_answer_and_503_carries_retry_after(stack, demo
     refused = [r for r in answers if r.status_code == 503]
     assert refused, [r.status_code for r in answers]
     assert refused[0].json()["error"]["code"] == "overloaded" and refused[0].headers["retry-after"] == "1"
+    # Refused before the body is read: headers announcing a large body, and no body, get the 503.
+    host, port = a.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: {1 << 20}\r\n\r\n".encode())
+        assert sock.recv(4096).startswith(b"HTTP/1.1 503")
     assert httpx.get(f"{a.url}/healthz").status_code == 200
     assert httpx.get(f"{a.url}/readyz").status_code == 200
     assert "tandem_admission_limit" in httpx.get(f"{a.url}/metrics").text
