@@ -201,6 +201,8 @@ class Dispatcher:
             except NoWorkers:
                 return None
 
+        if not self.hedger.enabled or len(self.pool.candidates(model)) < 2:  # nobody to hedge to: no task
+            return await call(conn)
         return await self.hedger.call(model, conn, call, second, lambda: deadline - time.monotonic())
 
     def _retry_elsewhere(self, conn: WorkerConn, model: str, exc: TandemError, excluded: set[str]) -> TandemError:
