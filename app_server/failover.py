@@ -182,6 +182,7 @@ class Dispatcher:
     ) -> Message:
         """One call to ``conn``, hedged to another worker holding ``version`` when it is slow."""
         inputs = {p.input_name: p.to_send}
+        hedging = self.hedger.enabled
 
         async def call(c: WorkerConn) -> Message:
             sent = time.monotonic()
@@ -190,7 +191,7 @@ class Dispatcher:
             except asyncio.CancelledError:  # lost to a hedge: at least this slow, which the p95 must see
                 self.hedger.observe(model, time.monotonic() - sent)
                 raise
-            if reply.header.get("status") == Status.OK:
+            if hedging and reply.header.get("status") == Status.OK:
                 self.hedger.observe(model, (reply.received or time.monotonic()) - sent)
             return reply
 
@@ -201,7 +202,7 @@ class Dispatcher:
             except NoWorkers:
                 return None
 
-        if not self.hedger.enabled or len(self.pool.candidates(model)) < 2:  # nobody to hedge to: no task
+        if not hedging or len(self.pool.candidates(model)) < 2:  # nobody to hedge to: no task
             return await call(conn)
         return await self.hedger.call(model, conn, call, second, lambda: deadline - time.monotonic())
 
