@@ -1,7 +1,7 @@
 """Hedged requests: a call still unanswered after the usual round trip goes to a second worker too.
 
 One slow worker (a stall, a long batch, a noisy neighbour) sets the tail of every request routed to it.
-After the rolling p95 of a model's worker round trips (and at least three times their median; or
+After the rolling p95 of a model's worker round trips (and at least four times their median; or
 ``--hedge-after-ms``), a call with no answer yet is sent again, to another worker holding the same
 version; the first good answer wins and the other copy is cancelled on the wire (the worker drops it
 if it is still queued; a batch already running finishes and its answer is dropped here). The caller
@@ -39,8 +39,8 @@ WINDOW = 512
 """Round trips the rolling p95 is taken over."""
 REFRESH_EVERY = 32
 """The p95 is recomputed every this many new samples, not on every request."""
-MEDIAN_FACTOR = 3.0
-"""A call is hedged only once it also took three times the median: where healthy round trips vary little, the
+MEDIAN_FACTOR = 4.0
+"""A call is hedged only once it also took four times the median: where healthy round trips vary little, the
 slowest 5% are barely slower than the rest, and hedging them would spend the budget for nothing."""
 MAX_BALANCE = 10.0
 """Most hedges banked from quiet times: a burst after a lull spends these, then only what it deposits."""

@@ -43,10 +43,10 @@ CASES = {
     # Well past what one app server parses of these bodies on a small machine (about 150/s on 2 cores),
     # with the default 1 s request budget.
     "256-instance-bodies": (BIG, 600, (), 1000),
-    # Ten times what the stack can compute (one worker answering at most ~100 req/s): the app server and
+    # Ten times what the stack can compute (one worker answering at most ~50 req/s): the app server and
     # the worker shed together, each at its own door. A worker fills its queue up to the request's
     # budget, so the budget is set under the caller's timeout, as a caller with a 1 s timeout should.
-    "small-bodies-10x": (SMALL, 1000, ("--debug-delay-ms", "20", "--max-batch-size", "2"), 500),
+    "small-bodies-10x": (SMALL, 500, ("--debug-delay-ms", "40", "--max-batch-size", "2"), 500),
 }
 
 
