@@ -15,7 +15,7 @@ from loadtest import openloop
 pytestmark = pytest.mark.slow
 
 BODY = json.dumps({"instances": [{"amount": 42.0, "merchant_category": "travel", "channel": "web"}]}).encode()
-RATE, SECONDS = 300, 5.0
+RATE, SECONDS = 300, 4.0
 """Enough that all three workers get traffic: at low load routing alone avoids a worker that was slow."""
 
 
@@ -30,7 +30,7 @@ def warm(url: str) -> int:
     return r["sent"]
 
 
-def test_hedging_halves_the_p99_one_stalling_worker_makes(stack, demo_registry):
+def test_hedging_cuts_the_tail_one_stalling_worker_makes(stack, demo_registry):
     stall = ("--fault-stall-ms", "200", "--fault-stall-percent", "5")
     workers = [stack.worker(demo_registry.uri) for _ in range(2)] + [stack.worker(demo_registry.uri, *stall)]
     endpoints = [w.endpoint for w in workers]
@@ -41,13 +41,19 @@ def test_hedging_halves_the_p99_one_stalling_worker_makes(stack, demo_registry):
         wait_for(lambda a=a: three_in_pool(a.url), 10, what="three workers in the pool")
     sent = warm(hedged.url)
     warm(plain.url)
-    off = openloop.run(f"{plain.url}/predict", BODY, RATE, SECONDS, timeout_ms=2000, poisson=True)
-    on = openloop.run(f"{hedged.url}/predict", BODY, RATE, SECONDS, timeout_ms=2000, poisson=True)
-    sent += on["sent"]
-    assert off["errors"] == {} and on["errors"] == {}, (off, on)
+    off, on = [], []
+    for _ in range(2):  # alternated, so drift on a shared machine hits both alike
+        off.append(openloop.run(f"{plain.url}/predict", BODY, RATE, SECONDS, timeout_ms=2000, poisson=True))
+        on.append(openloop.run(f"{hedged.url}/predict", BODY, RATE, SECONDS, timeout_ms=2000, poisson=True))
+    sent += sum(r["sent"] for r in on)
+    assert all(r["errors"] == {} for r in off + on), (off, on)
     assert workers[2].counter("tandem_worker_fault_stalls_total") > 0
-    assert off["max_ms"] >= 150, off  # without hedging, callers do wait out stalls
-    assert on["p99_ms"] <= off["p99_ms"] / 2, (on, off)
+    # The tail one stalling worker makes: without hedging some callers wait out a 200 ms stall; with
+    # it, they get the other worker's answer. (p99 itself depends on how often routing happened to
+    # use the stalling worker in a few seconds; loadtest.scenarios slow-worker measures it.)
+    worst_off, worst_on = max(r["p999_ms"] for r in off), max(r["p999_ms"] for r in on)
+    assert worst_off >= 150, off
+    assert worst_on <= worst_off / 2, (on, off)
     hedges = hedged.counter("tandem_hedges_total", model="demo", outcome="sent")
     assert 0 < hedges <= 0.05 * sent + MAX_BALANCE
     assert plain.counter("tandem_hedges_total", model="demo", outcome="sent") == 0
