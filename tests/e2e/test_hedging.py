@@ -15,12 +15,18 @@ from loadtest import openloop
 pytestmark = pytest.mark.slow
 
 BODY = json.dumps({"instances": [{"amount": 42.0, "merchant_category": "travel", "channel": "web"}]}).encode()
+OUTCOMES = ("sent", "won", "lost", "budget", "deadline")
 RATE, SECONDS = 300, 4.0
 """Enough that all three workers get traffic: at low load routing alone avoids a worker that was slow."""
 
 
 def three_in_pool(url: str) -> bool:
     return sum(w["alive"] for w in httpx.get(f"{url}/v1/models").json()["models"][0]["workers"]) == 3
+
+
+def slower_than_150ms(a) -> float:
+    total = a.counter("tandem_request_duration_seconds_count", model="demo", route="/predict")
+    return total - a.counter("tandem_request_duration_seconds_bucket", le="0.15", model="demo", route="/predict")
 
 
 def warm(url: str) -> int:
@@ -49,11 +55,13 @@ def test_hedging_cuts_the_tail_one_stalling_worker_makes(stack, demo_registry):
     assert all(r["errors"] == {} for r in off + on), (off, on)
     assert workers[2].counter("tandem_worker_fault_stalls_total") > 0
     # The tail one stalling worker makes: without hedging some callers wait out a 200 ms stall; with
-    # it, they get the other worker's answer. (p99 itself depends on how often routing happened to
-    # use the stalling worker in a few seconds; loadtest.scenarios slow-worker measures it.)
-    worst_off, worst_on = max(r["p999_ms"] for r in off), max(r["p999_ms"] for r in on)
-    assert worst_off >= 150, off
-    assert worst_on <= worst_off / 2, (on, off)
+    # it, they get another worker's answer. Counted by each app server itself (its request-duration
+    # histogram), over both rounds: a percentile of a few seconds depends on how often routing
+    # happened to use the stalling worker, and loadtest.scenarios slow-worker measures p99 itself.
+    slow_off, slow_on = slower_than_150ms(plain), slower_than_150ms(hedged)
+    outcomes = {o: hedged.counter("tandem_hedges_total", model="demo", outcome=o) for o in OUTCOMES}
+    assert slow_off >= 5, (slow_off, [r["p999_ms"] for r in off])
+    assert slow_on <= slow_off / 2, (slow_on, slow_off, outcomes)
     hedges = hedged.counter("tandem_hedges_total", model="demo", outcome="sent")
     assert 0 < hedges <= 0.05 * sent + MAX_BALANCE
     assert plain.counter("tandem_hedges_total", model="demo", outcome="sent") == 0
