@@ -24,6 +24,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from app_server import metrics
+from app_server.admission import note_worker_wait
 from app_server.worker_conn import HANDSHAKE_FAILED, HANDSHAKE_RETRY_S, MONITORED, RETRIED_BY_ZMQ, WorkerConn
 from shared import curve, protocol
 from shared.errors import NoWorkers, ProtocolError, TandemError, from_wire
@@ -377,12 +378,15 @@ class WorkerPool:
         if cached is not None:
             return cached
         msg_id = self._next_id()
+        t0 = time.monotonic()
         try:
             reply = await self.call(
                 conn, protocol.request(Kind.DESCRIBE, msg_id, model=model, version=version), msg_id, timeout_s
             )
         except TimeoutError:  # retryable elsewhere; a 503 with Retry-After where nobody retries
             raise WorkerLost(f"{conn.endpoint} did not describe {model} v{version} within {timeout_s:g} s") from None
+        finally:
+            note_worker_wait(time.monotonic() - t0)  # a worker's time, not this server's (admission)
         if reply.header.get("status") != Status.OK:
             raise from_wire(reply.header["status"], reply.header.get("message", ""))
         desc = reply.header["describe"]

@@ -270,7 +270,7 @@ class AppSettings(CommonSettings):
     admission_initial_limit: int = Field(64, ge=1)
     """The concurrency limit at start; it adapts from there, up to ``max_in_flight``."""
 
-    admission_min_limit: int = Field(4, ge=1)
+    admission_min_limit: int = Field(16, ge=1)
     """The limit is never cut below this."""
 
     admission_max_lag_ms: float = Field(250.0, gt=0)
