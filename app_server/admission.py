@@ -14,9 +14,9 @@ through the one error renderer:
   (additive increase, multiplicative decrease). docs/architecture.md says why AIMD on this measure and
   not a gradient.
 - **An event-loop lag guard** (:class:`LoopLag`): a task wakes every ``PROBE_S`` and measures how late it
-  woke. While the loop lags more than ``--admission-max-lag-ms``, new predictions are refused: a loop
-  that late is already failing the requests it holds. A probe that is overdue counts as lag already,
-  so a stalled loop is noticed before the probe gets to run.
+  woke. While the loop stays behind by more than ``--admission-max-lag-ms`` (two readings in a row, an
+  overdue probe counting as one), new predictions are refused: a loop that late is already failing the
+  requests it holds. One long stall alone refuses nothing.
 
 Health, readiness and ``/metrics`` never pass through here. ``--no-admission`` turns both checks off
 (the app server's fixed ``--max-in-flight`` cap, :meth:`~app_server.failover.Dispatcher.admitted`,
@@ -82,6 +82,8 @@ class LoopLag:
 
     interval_s: float = PROBE_S
     last_s: float = 0.0
+    prev_s: float = 0.0
+    """The reading before ``last_s``."""
     due: float | None = None
     """When the probe should next wake; ``None`` until it runs."""
 
@@ -90,9 +92,18 @@ class LoopLag:
         overdue = 0.0 if self.due is None else now - self.due
         return max(self.last_s, overdue)
 
+    def sustained_s(self, now: float) -> float:
+        """The smaller of the two latest readings (an overdue probe being the latest): one long stall (a
+        schema built for a new version, a GC pass) is over when it is noticed and refuses nothing; a
+        loop that stays behind shows in both."""
+        overdue = 0.0 if self.due is None else now - self.due
+        if overdue > 0:
+            return min(self.last_s, overdue)
+        return min(self.prev_s, self.last_s)
+
     def woke(self, now: float) -> None:
         if self.due is not None:
-            self.last_s = max(0.0, now - self.due)
+            self.prev_s, self.last_s = self.last_s, max(0.0, now - self.due)
         self.due = now + self.interval_s
 
     async def run(self) -> None:
@@ -151,7 +162,7 @@ class Admission:
         if self.in_flight >= self.limiter.limit:
             self._refuse("limit")
             raise Overloaded(f"app server at its concurrency limit ({int(self.limiter.limit)} requests)")
-        lag = self.lag.lag_s(now)
+        lag = self.lag.sustained_s(now)
         if lag > self.max_lag_s:
             self._refuse("loop_lag")
             raise Overloaded(f"app server event loop {lag * 1000:.0f} ms behind")

@@ -73,6 +73,17 @@ def test_loop_lag_counts_an_overdue_probe_before_it_runs():
     assert lag.lag_s(100.36) == pytest.approx(0.001)  # one prompt wake and the guard lets go
 
 
+def test_one_stall_alone_is_not_sustained_lag_but_two_readings_are():
+    lag = LoopLag(interval_s=0.025)
+    lag.woke(100.0)
+    assert lag.sustained_s(100.325) == 0.0  # overdue by 0.3 s, but the last reading was prompt
+    lag.woke(100.325)
+    assert lag.sustained_s(100.33) == 0.0  # the stall is over when noticed: nothing refused
+    assert lag.sustained_s(100.65) == pytest.approx(0.3)  # behind again while the last reading was late
+    lag.woke(100.65)
+    assert lag.sustained_s(100.66) == pytest.approx(0.3)
+
+
 def admission(**kw: object) -> Admission:
     a = Admission.from_settings(AppSettings(**{"admission_initial_limit": 2, "admission_min_limit": 1, **kw}))
     assert a is not None
@@ -93,7 +104,7 @@ def test_admission_refuses_past_the_limit_and_admits_again_when_one_leaves():
 
 def test_admission_refuses_while_the_loop_lags():
     a = admission(admission_max_lag_ms=100)
-    a.lag.last_s = 0.5
+    a.lag.last_s = a.lag.prev_s = 0.5
     with pytest.raises(Overloaded, match="event loop"):
         a.enter()
     assert a.in_flight == 0
