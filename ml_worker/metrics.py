@@ -135,3 +135,31 @@ def forget_model(name: str) -> None:
 def remove_series(metric: Any, *labels: str) -> None:
     with contextlib.suppress(KeyError):  # never created
         metric.remove(*labels)
+
+
+# -- traffic policies (ml_worker/policy_watch.py, shared/traffic.py) --------------------------------
+
+POLICY_ERRORS = Counter(
+    "tandem_policy_errors_total",
+    "Traffic policy values ignored, by model and field: a tag with a bad value (tandem.canary.percent, "
+    "tandem.shadow.percent, tandem.sticky), or a canary/shadow version that failed to load or check; the "
+    "last good value stays in force",
+    ["model", "field"],
+)
+POLICY_PERCENT = Gauge(
+    "tandem_policy_percent", "Traffic policy in force: canary and shadow percents", ["model", "variant"]
+)
+SHADOW_SHED = Counter(
+    "tandem_worker_shadow_shed_total",
+    "Shadow copies refused at admission (the worker past its target utilisation, or queued work ahead)",
+    ["model"],
+)
+
+
+def forget_policy(name: str) -> None:
+    for variant in ("canary", "shadow"):
+        remove_series(POLICY_PERCENT, name, variant)
+        remove_series(POLICY_ERRORS, name, variant)
+    for field in ("tandem.canary.percent", "tandem.shadow.percent", "tandem.sticky"):
+        remove_series(POLICY_ERRORS, name, field)
+    remove_series(SHADOW_SHED, name)

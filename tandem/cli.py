@@ -308,6 +308,9 @@ def demo_model(
     size: Annotated[str, typer.Option(help="small (default) or large (compute-heavy, for benchmarks).")] = "small",
     dataset: Annotated[str, typer.Option(help="fraud (default; registered as demo) or churn.")] = "fraud",
     variant: Annotated[bool, typer.Option(help="Another seed and one extra feature: a visibly new version.")] = False,
+    fail_percent: Annotated[
+        float, typer.Option(help="Drill version: passes its checks, then fails this % of requests (0-100).")
+    ] = 0.0,
     seed: Annotated[int | None, typer.Option()] = None,
     name: Annotated[str | None, typer.Option(help="Registered name (default demo, demo-large or churn).")] = None,
     kind: Annotated[
@@ -344,9 +347,10 @@ def demo_model(
             name=name,
             dataset=dataset,
             kind=kind,
+            fail_percent=fail_percent,
         )
-    except TandemError as exc:
-        typer.echo(f"error: {logs.redact(exc.message)}", err=True)
+    except (TandemError, ValueError) as exc:
+        typer.echo(f"error: {logs.redact(getattr(exc, 'message', None) or str(exc))}", err=True)
         raise typer.Exit(1) from None
     aliases = f" (aliases: {', '.join(ref.aliases)})" if ref.aliases else ""
     typer.echo(f"registered {ref.name} version {ref.version}{aliases}")
