@@ -72,6 +72,7 @@ def create_app(settings: AppSettings, pool: WorkerPool | None = None) -> FastAPI
         finally:
             if key_watch is not None:
                 key_watch.cancel()
+            await app.state.predictor.shadow.close()  # mirrors first: nobody waits for them
             await pool.close()
             await app.state.predictor.cache_writes_done()
             for redis_user in (feature_store, cache):

@@ -131,6 +131,10 @@ def app_server(
     redis_url_file: Annotated[
         Path | None, typer.Option(help="File holding the Redis URL (a mounted Secret), instead of --redis-url.")
     ] = None,
+    safe_canary: Annotated[
+        bool | None, typer.Option("--safe-canary/--no-safe-canary", help="Retry canary failures on production.")
+    ] = None,
+    shadow_tolerance: Annotated[float | None, typer.Option(help="Shadow rows within this agree.")] = None,
 ) -> None:
     """Run one app server (uvicorn); it serves every model its workers serve, routing by name."""
     settings = build_or_exit(AppSettings, **locals())
