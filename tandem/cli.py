@@ -25,6 +25,7 @@ from tandem.options import (
     build,
     registry_uri_for_write,
 )
+from tandem.rollout import note_for_promote, rollout
 from tandem.spec_cli import app as spec_app
 
 app = typer.Typer(
@@ -426,9 +427,12 @@ def promote(
     else:
         registry.set_alias(uri, name, alias or "production", version)
         typer.echo(f"{name}@{alias or 'production'} -> version {version}")
+        if note := note_for_promote(uri, name):
+            typer.echo(note)
 
 
 app.command()(models)
+app.command()(rollout)
 
 
 def main() -> None:
