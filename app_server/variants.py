@@ -23,9 +23,11 @@ from app_server.traffic import policy_for
 from app_server.workers import WorkerPool
 from shared.errors import TandemError
 from shared.settings import AppSettings
-from shared.traffic import CANARY, PRODUCTION, choose, mirrored, sticky_key
+from shared.traffic import CANARY, PRODUCTION, TrafficPolicy, choose, mirrored, sticky_key
 
 logger = logging.getLogger(__name__)
+
+POLICY_TTL_S = 0.05
 
 PredictOn = Callable[[str, list[Any], str, float, str | None], Awaitable[dict[str, Any]]]
 """``(model, instances, request_id, deadline, version)``: the answer of that version (``None``: live)."""
@@ -37,12 +39,23 @@ class Variants:
         self.pool = pool
         self.predict_on = predict_on
         self.shadow = shadow
+        self._policies: dict[str, tuple[float, TrafficPolicy | None]] = {}
+
+    def policy(self, model: str, now: float) -> TrafficPolicy | None:
+        """The policy in force, worked out at most every ``POLICY_TTL_S`` (heartbeats change it only every
+        quarter second or so; per request it would cost a scan of the workers)."""
+        cached = self._policies.get(model)
+        if cached is not None and now - cached[0] < POLICY_TTL_S:
+            return cached[1]
+        policy = policy_for(self.pool, model)
+        self._policies[model] = (now, policy)
+        return policy
 
     async def predict(
         self, model: str, instances: list[Any], request_id: str, deadline: float, headers: Any = None
     ) -> dict[str, Any]:
         t0 = time.monotonic()
-        policy = policy_for(self.pool, model)
+        policy = self.policy(model, t0)
         variant = choose(policy, model, sticky_key(policy, instances, headers))
         if variant == CANARY and policy is not None and policy.canary is not None:
             try:

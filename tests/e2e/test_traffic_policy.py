@@ -169,3 +169,29 @@ def test_shadow_compares_outputs_and_callers_see_production_only(stack, reg, v1_
     wait_for(lambda: shadow("differ") + shadow("shed") >= 50, 10, what="shadow outcomes for the variant")
     assert shadow("agree") == agreed and shadow("differ") >= 50 and shadow("error") == 0
     assert w.counter("tandem_worker_requests_total", model="demo", outcome="error") == 0
+
+
+def test_shadow_copies_are_shed_first_when_the_worker_is_busy(stack, reg, v1_dir):
+    w = stack.worker(reg, "--poll-interval", POLL, "--debug-delay-ms", "20")  # every batch 20 ms: busy at once
+    a = stack.app([w.endpoint])
+    wait_ready(a)
+    same = registry.register(reg, "demo", v1_dir, alias_if_first=None)
+    registry.set_alias(reg, "demo", "shadow", same.version)
+    registry.set_model_tag(reg, "demo", "tandem.shadow.percent", "100")
+    wait_for(lambda: (traffic(a.url) or {}).get("shadow_percent") == 100, 20, what="shadow at 100%")
+
+    def hammer(k: int) -> set[tuple[int, str]]:
+        seen = set()
+        with httpx.Client(timeout=10) as c:
+            for i in range(60):
+                r = c.post(f"{a.url}/predict", json={"instances": [{**INSTANCE, "entity_id": f"{k}-{i}"}]})
+                seen.add((r.status_code, r.json().get("variant", "")))
+        return seen
+
+    with ThreadPoolExecutor(8) as pool:
+        seen = set().union(*pool.map(hammer, range(8)))
+    assert seen == {(200, "production")}  # every caller answered, by production
+    wait_for(lambda: w.counter("tandem_worker_shadow_shed_total", model="demo") > 0, 10, what="shadow shed")
+    shed = a.counter("tandem_shadow_requests_total", model="demo", outcome="shed")
+    assert shed >= w.counter("tandem_worker_shadow_shed_total", model="demo") > 0
+    assert w.counter("tandem_worker_requests_total", model="demo", outcome="overloaded") == 0  # not counted as such
