@@ -27,6 +27,7 @@ from tandem.options import (
 )
 from tandem.rollout import note_for_promote, rollout
 from tandem.spec_cli import app as spec_app
+from tandem.traffic_cmd import traffic
 
 app = typer.Typer(
     help="Tandem model serving: stateless app servers, batching GPU workers.",
@@ -433,6 +434,7 @@ def promote(
 
 app.command()(models)
 app.command()(rollout)
+app.command()(traffic)
 
 
 def main() -> None:
