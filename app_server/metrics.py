@@ -81,7 +81,7 @@ VARIANT_REQUESTS = Counter(
 )
 VARIANT_DURATION = Histogram(
     "tandem_variant_request_duration_seconds",
-    "Prediction time per variant, from the request's arrival to its variant's answer",
+    "Prediction time per variant: one attempt on that variant (validation, encoding, the worker call)",
     ["model", "variant"],
     buckets=LATENCY_BUCKETS,
 )

@@ -79,6 +79,7 @@ class Variants:
                 self._count(model, CANARY, "ok", t0)
                 answer["variant"] = CANARY
                 return answer
+        t0 = time.monotonic()  # production's own attempt: a canary's failed one is not production's time
         try:
             answer = await self.predict_on(model, instances, request_id, deadline, None)
         except TandemError as exc:
