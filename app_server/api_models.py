@@ -57,6 +57,9 @@ class PredictAnswer(_Doc):
     )
     model: str
     model_version: str
+    variant: Literal["production", "canary"] = Field(
+        "production", description="Which variant of the model's traffic policy computed the answer."
+    )
     request_id: str
 
 
@@ -108,6 +111,11 @@ class ModelEntry(_Doc):
     outputs: list[TensorMeta] | None
     device: str | None
     workers: list[WorkerInfo]
+    traffic: dict[str, Any] | None = Field(
+        None,
+        description="The traffic policy in force: versions per variant (production, canary, shadow), "
+        "canary_percent, shadow_percent, sticky; null when no worker reports one.",
+    )
 
 
 class ModelList(_Doc):

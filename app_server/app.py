@@ -77,6 +77,7 @@ def create_app(settings: AppSettings, pool: WorkerPool | None = None) -> FastAPI
                 lag_probe.cancel()
             if key_watch is not None:
                 key_watch.cancel()
+            await app.state.predictor.shadow.close()  # mirrors first: nobody waits for them
             await pool.close()
             await app.state.predictor.cache_writes_done()
             for redis_user in (feature_store, cache):

@@ -87,3 +87,33 @@ def child(metric: Any, *labels: str) -> Any:
     if found is None:
         found = _children[key] = metric.labels(*labels)
     return found
+
+
+# -- traffic policies: variants, safe canary, shadow (app_server/traffic.py, app_server/shadow.py) ------
+
+VARIANT_REQUESTS = Counter(
+    "tandem_variant_requests_total",
+    "Prediction attempts per variant (production, canary) and outcome (ok, error: a model or worker error, "
+    "not bad input). A canary failure retried on production counts here as the canary's error",
+    ["model", "variant", "outcome"],
+)
+VARIANT_DURATION = Histogram(
+    "tandem_variant_request_duration_seconds",
+    "Prediction time per variant: one attempt on that variant (validation, encoding, the worker call)",
+    ["model", "variant"],
+    buckets=LATENCY_BUCKETS,
+)
+CANARY_FALLBACKS = Counter(
+    "tandem_canary_fallbacks_total", "Requests that failed on the canary and were answered by production", ["model"]
+)
+SHADOW_REQUESTS = Counter(
+    "tandem_shadow_requests_total",
+    "Shadow copies by outcome: agree (every row within --shadow-tolerance of production), differ, error, shed",
+    ["model", "outcome"],
+)
+SHADOW_ABS_DIFF = Histogram(
+    "tandem_shadow_abs_diff",
+    "Absolute difference between the shadow's and production's prediction, per row",
+    ["model"],
+    buckets=(1e-6, 1e-5, 1e-4, 1e-3, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)

@@ -21,6 +21,8 @@ from app_server.error_render import validation_error
 from app_server.failover import Dispatcher, Prepared
 from app_server.prediction_cache import PredictionCache
 from app_server.schemas import VersionSpecs
+from app_server.shadow import Shadow
+from app_server.variants import Variants
 from app_server.worker_conn import WorkerConn
 from app_server.workers import WorkerPool
 from shared.errors import InvalidInput, ModelError, TooLarge
@@ -51,6 +53,8 @@ class Predictor:
         self.cache = cache
         self.specs = VersionSpecs(pool, entities=feature_store is not None)
         self.dispatcher = dispatcher or Dispatcher(settings, pool)
+        self.shadow = Shadow(settings, pool, self.prepare)
+        self.variants = Variants(settings, pool, self._predict, self.shadow)
         self._cache_writes: set[asyncio.Future[None]] = set()  # referenced until done, or they may vanish
 
     def check_body(self, body: Any) -> list[Any]:
@@ -94,12 +98,18 @@ class Predictor:
         if self._cache_writes:
             await asyncio.gather(*self._cache_writes, return_exceptions=True)
 
-    async def predict(self, model: str, instances: list[Any], request_id: str, deadline: float) -> dict[str, Any]:
-        """Predictions of ``model`` for ``instances``, each row encoded for the version that computes it."""
+    async def predict(
+        self, model: str, instances: list[Any], request_id: str, deadline: float, headers: Any = None
+    ) -> dict[str, Any]:
+        """Predictions of ``model`` for ``instances``, each row encoded for the version that computes it,
+        on the variant the model's traffic policy gives this caller (``headers``: for ``header:NAME``
+        stickiness). The answer names the ``variant`` and ``model_version`` that computed it."""
         with self.dispatcher.admitted():
-            return await self._predict(model, instances, request_id, deadline)
+            return await self.variants.predict(model, instances, request_id, deadline, headers)
 
-    async def _predict(self, model: str, instances: list[Any], request_id: str, deadline: float) -> dict[str, Any]:
+    async def _predict(
+        self, model: str, instances: list[Any], request_id: str, deadline: float, version: str | None = None
+    ) -> dict[str, Any]:
         prepared: dict[str, Prepared] = {}
 
         async def prepare(conn: WorkerConn, version: str) -> Prepared:
@@ -108,7 +118,7 @@ class Predictor:
                 await self._look_up_cache(model, prepared[version], deadline)
             return prepared[version]
 
-        reply, p = await self.dispatcher.infer(model, prepare, request_id, deadline)
+        reply, p = await self.dispatcher.infer(model, prepare, request_id, deadline, version=version)
         if reply is None:
             return self._from_cache(p, model, request_id)
         return await self._answer(reply, p, model, request_id)

@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from app_server import metrics
+from app_server import metrics, traffic
 from app_server.api_models import Healthy, ModelEntry, ModelList, PredictAnswer, Ready, responses
 from app_server.catalog import ModelCatalog
 from app_server.disconnect import DisconnectWatch
@@ -90,7 +90,7 @@ async def _predict(request: Request, model: str, request_id: str) -> Response:
     instances = predictor.check_body(await read_json(request, settings.max_body_bytes))
     watch = DisconnectWatch(request)
     try:
-        result = await predictor.predict(model, instances, request_id, deadline)
+        result = await predictor.predict(model, instances, request_id, deadline, request.headers)
     except asyncio.CancelledError:
         if not watch.fired:
             raise
@@ -112,6 +112,7 @@ async def _predict(request: Request, model: str, request_id: str) -> Response:
                 "request_id": request_id,
                 "model": result["model"],
                 "model_version": result["model_version"],
+                "variant": result.get("variant"),
                 "duration_ms": round(elapsed_ms, 3),
                 "instances": len(instances),
             },
@@ -167,6 +168,7 @@ async def model_entry(catalog: ModelCatalog, model: str) -> dict[str, Any]:
         "outputs": None,
         "device": None,
         "workers": [c.model_info(model) for c in catalog.pool.conns.values() if model in c.models],
+        "traffic": traffic.describe(traffic.policy_for(catalog.pool, model)),
     }
     try:
         version, desc = await catalog.describe(model)

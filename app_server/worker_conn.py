@@ -4,7 +4,7 @@ said about each model it serves.
 The heartbeat contract (a ping's reply header)::
 
     {"models": {NAME: {"live": "3" | None, "resident": ["3", ...], "loaded": bool,
-                       "queue_depth": int, "est_wait_ms": float}},
+                       "queue_depth": int, "est_wait_ms": float, "policy": {...}}},
      "queue_depth": int, "est_wait_ms": float, "in_flight": int, "draining": bool, "device": str}
 
 Per-model ``loaded``, ``queue_depth`` and ``est_wait_ms`` are newer than the rest: a worker that does
@@ -22,6 +22,7 @@ import zmq
 import zmq.asyncio
 
 from shared import protocol
+from shared.traffic import TrafficPolicy
 from shared.transport import LoopSocket
 
 HANDSHAKE_RETRY_S = 2.0
@@ -53,6 +54,8 @@ class ModelOnWorker:
     """This model's own queue figures; ``None``: the worker sent only worker-wide ones."""
     refused: dict[str, Any] | None = None
     """The version the registry names that this worker refused (``version``, ``error``), if any."""
+    policy: TrafficPolicy | None = None
+    """The model's traffic policy as this worker read it from the registry (``shared.traffic``)."""
 
 
 def read_models(header: dict[str, Any]) -> dict[str, ModelOnWorker]:
@@ -71,6 +74,7 @@ def read_models(header: dict[str, Any]) -> dict[str, ModelOnWorker]:
             queue_depth=None if depth is None else int(depth),
             est_wait_ms=None if wait is None else float(wait),
             refused=m.get("refused") if isinstance(m.get("refused"), dict) else None,
+            policy=TrafficPolicy.from_wire(m.get("policy")),
         )
     return out
 

@@ -343,8 +343,17 @@ class WorkerPool:
                     fut.set_exception(WorkerLost(f"{conn.endpoint}: {reason}"))
 
     async def infer(
-        self, conn: WorkerConn, model: str, version: str, inputs: dict[str, Any], budget_s: float, request_id: str
+        self,
+        conn: WorkerConn,
+        model: str,
+        version: str,
+        inputs: dict[str, Any],
+        budget_s: float,
+        request_id: str,
+        *,
+        priority: str | None = None,
     ) -> protocol.Message:
+        """``priority="shadow"``: a mirrored copy, which the worker admits only with room to spare."""
         msg_id = self._next_id()
         frames = protocol.request(
             Kind.INFER,
@@ -357,6 +366,7 @@ class WorkerPool:
             inputs=inputs,
             request_id=request_id,
             batch_replies=True,
+            **({"priority": priority} if priority else {}),
         )
         t0 = time.monotonic()
         try:

@@ -141,3 +141,29 @@ def remove_series(metric: Any, *labels: str) -> None:
 FAULT_STALLS = Counter(
     "tandem_worker_fault_stalls_total", "Batches stalled on purpose by --fault-stall-ms/--fault-stall-percent (drills)"
 )
+# -- traffic policies (ml_worker/policy_watch.py, shared/traffic.py) --------------------------------
+
+POLICY_ERRORS = Counter(
+    "tandem_policy_errors_total",
+    "Traffic policy values ignored, by model and field: a tag with a bad value (tandem.canary.percent, "
+    "tandem.shadow.percent, tandem.sticky), or a canary/shadow version that failed to load or check; the "
+    "last good value stays in force",
+    ["model", "field"],
+)
+POLICY_PERCENT = Gauge(
+    "tandem_policy_percent", "Traffic policy in force: canary and shadow percents", ["model", "variant"]
+)
+SHADOW_SHED = Counter(
+    "tandem_worker_shadow_shed_total",
+    "Shadow copies refused at admission (the worker past its target utilisation, or queued work ahead)",
+    ["model"],
+)
+
+
+def forget_policy(name: str) -> None:
+    for variant in ("canary", "shadow"):
+        remove_series(POLICY_PERCENT, name, variant)
+        remove_series(POLICY_ERRORS, name, variant)
+    for field in ("tandem.canary.percent", "tandem.shadow.percent", "tandem.sticky"):
+        remove_series(POLICY_ERRORS, name, field)
+    remove_series(SHADOW_SHED, name)

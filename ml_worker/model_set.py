@@ -21,6 +21,7 @@ from ml_worker import metrics, replies
 from ml_worker.adaptive import AdaptiveBatcher
 from ml_worker.batcher import Batcher, Pending, SimpleBatcher
 from ml_worker.loader import Loader
+from ml_worker.policy_watch import PolicyWatch
 from ml_worker.registry_watch import Discovery, ModelWatch
 from ml_worker.sharing import ExecutorShare, FairShare
 from ml_worker.slots import ModelSlot
@@ -120,7 +121,11 @@ class ModelSet:
         if self.discovery is not None and slot.name not in self._explicit:
             discovery = self.discovery
             resolve = lambda: discovery.resolve(slot.name)  # noqa: E731 - one search per poll, not one per model
-        watch = ModelWatch(slot, self.loader, self.settings.poll_interval, resolve=resolve, on_swap=self.release_parked)
+        # A model that follows an alias follows its traffic policy too (a tag-mode model has no aliases to read).
+        policy = PolicyWatch(slot, self.loader, self.settings.poll_interval) if slot.target.tag is None else None
+        watch = ModelWatch(
+            slot, self.loader, self.settings.poll_interval, resolve=resolve, on_swap=self.release_parked, policy=policy
+        )
         self._watches[slot.name] = asyncio.create_task(watch.run())
 
     def sync_every(self, names: set[str]) -> None:

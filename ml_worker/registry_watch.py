@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from ml_worker import metrics
 from ml_worker.loader import Loader
+from ml_worker.policy_watch import PolicyWatch
 from ml_worker.slots import ModelSlot
 from ml_worker.versions import LoadedVersion
 from shared import registry
@@ -48,6 +49,7 @@ class ModelWatch:
         *,
         resolve: Resolve | None = None,
         on_swap: Callable[[ModelSlot], None] = lambda slot: None,
+        policy: PolicyWatch | None = None,
     ) -> None:
         self.slot = slot
         self.loader = loader
@@ -55,6 +57,8 @@ class ModelWatch:
         t = slot.target
         self.resolve = resolve or (lambda: registry.resolve(loader.uri, slot.name, alias=t.alias, tag=t.tag))
         self.on_swap = on_swap
+        self.policy = policy
+        """The model's traffic policy (canary and shadow versions), followed at the same polls."""
         self._failures: dict[str, tuple[int, float]] = {}  # version -> (attempts, next try at)
         self._warned_missing = False
         self.registry_ok = True
@@ -63,6 +67,8 @@ class ModelWatch:
         while True:
             try:
                 await self.poll_once()
+                if self.policy is not None:
+                    await self.policy.poll_once()
             except Exception:  # a bug here must not stop the watch, nor (through serve()) the worker
                 logger.exception("registry watch of %s failed; polling again", self.slot.name)
             await jittered_sleep(self.poll_interval)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from ml_worker.faults import with_faults
 from ml_worker.runners import join
 from ml_worker.sharing import FairShare
 from ml_worker.slots import ModelSlot
-from ml_worker.versions import LoadedVersion
+from ml_worker.versions import InjectedFault, LoadedVersion
 from shared import protocol
 from shared.protocol import Status
 from shared.settings import WorkerSettings
@@ -260,7 +261,11 @@ class Scheduler:
             out = {o_name: o[offset : offset + n] for o_name, o in outputs.items()}
             offset += n
             try:
+                if loaded.fail_percent and random.random() * 100 < loaded.fail_percent:
+                    raise InjectedFault(f"{loaded.fail_percent:g}% of requests fail on purpose (a drill version)")
                 frames = protocol.reply(p.msg_id, Status.OK, version=version, model=name, outputs=out, timing=timing)
+            except InjectedFault as exc:
+                frames = replies.to(p, Status.ERROR, f"model {name} v{version} failed: {exc.message}")
             except Exception as exc:  # e.g. an output dtype the wire cannot carry: answered, not lost
                 frames = replies.to(p, Status.ERROR, f"model {name} v{version}: cannot send outputs: {exc}")
             if p.batch_replies:

@@ -41,6 +41,9 @@ from shared.transport import LoopSocket, make_socket
 
 logger = logging.getLogger(__name__)
 
+SHADOW_PRIORITY = "shadow"
+"""``priority`` of a request header for a shadow copy (``shared.traffic``): admitted only with room."""
+SHED = "shadow copy shed: the worker is past its target utilisation"
 ABANDONED = "worker shut down before answering (drain timed out); safe to retry elsewhere"
 
 __all__ = ["WorkerServer", "make_batcher", "run_worker"]
@@ -298,11 +301,27 @@ class WorkerServer:
             batch_replies=header.get("batch_replies") is True,
             model=slot.name,
         )
+        if header.get("priority") == SHADOW_PRIORITY and not self._room_for_shadow(now):
+            # Counted apart from "overloaded": shedding a mirror is the policy working, not an overload.
+            metrics.SHADOW_SHED.labels(slot.name).inc()
+            self._send(ident, protocol.reply(msg.id, Status.OVERLOADED, version=served, model=slot.name, message=SHED))
+            return None
         if loaded is None:
             self.models.park(slot, item, now)
         elif not slot.batcher.offer(item, now):
             refuse(Status.OVERLOADED, "overloaded", REFUSED)
         return None
+
+    def _room_for_shadow(self, now: float) -> bool:
+        """Whether a shadow copy may be admitted: the executor is under its target utilisation and has no
+        backlog beyond one latency window. Callers' requests never wait behind a mirror that came when the
+        worker was busy; a mirror is the first thing shed."""
+        s = self.settings
+        serving = list(self.slots.values())
+        if sum(sl.batcher.utilization(now) for sl in serving) >= s.target_utilization:
+            return False
+        share = self.models.share
+        return share.free_at(now) - now + share.backlog_s() <= s.max_latency_ms / 1000
 
     def _count(self, model: str, outcome: str) -> None:
         slot = self.slots.get(model)

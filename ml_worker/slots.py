@@ -7,7 +7,9 @@ keyed by name.
 
 Version pointers change only on the event loop, between batches, so a batch always runs against the
 version it was formed for. A replaced version stays resident for ``keep_previous_s`` so requests the
-app server already encoded for it still finish on it.
+app server already encoded for it still finish on it. Versions a traffic policy names (the ``canary``
+and ``shadow`` aliases, ``policy_watch.py``) are *pinned*: resident beside the live one for as long as
+the policy names them, counted against the memory budget like any other.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ml_worker import metrics
 from ml_worker.batcher import Batcher, Pending
 from ml_worker.versions import LoadedVersion, WireInput
 from shared.model_targets import ModelTarget
+from shared.traffic import TrafficPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +74,10 @@ class ModelSlot:
         self.refused: dict[str, Any] | None = None
         """The version the registry names that failed to load here, and why (heartbeats carry it, so
         ``/v1/models``, ``tandem models`` and ``tandem up`` show it); ``None`` when none failed."""
+        self.pinned: set[str] = set()
+        """Versions the traffic policy names besides the live one: never retired while named."""
+        self.policy: TrafficPolicy | None = None
+        """The traffic policy in force (only variants whose version is resident); heartbeats carry it."""
 
     # -- versions ------------------------------------------------------------------------------------
 
@@ -115,13 +122,35 @@ class ModelSlot:
         self.live = loaded
         self.unloaded = None
         if previous is not None and previous.version != loaded.version:
-            self._retire_at[previous.version] = now + self.keep_previous_s
+            if previous.version not in self.pinned:
+                self._retire_at[previous.version] = now + self.keep_previous_s
             metrics.MODEL_INFO.labels(self.name, previous.version, previous.device).set(0)
         metrics.MODEL_INFO.labels(self.name, loaded.version, loaded.device).set(1)
         metrics.RESIDENT_BYTES.labels(self.name, loaded.version).set(loaded.size_bytes)
         if seed := getattr(self.batcher, "seed", None):  # the cost model starts from warm-up timings
             seed(loaded.version, loaded.warm_timings)
         return previous
+
+    def add_pinned(self, loaded: LoadedVersion) -> None:
+        """Hold ``loaded`` (a canary or shadow version) beside the live one; requests naming it run on it."""
+        self._resident[loaded.version] = loaded
+        self._retire_at.pop(loaded.version, None)
+        self.pinned.add(loaded.version)
+        live = self.live is not None and self.live.version == loaded.version
+        metrics.MODEL_INFO.labels(self.name, loaded.version, loaded.device).set(1 if live else 0)
+        metrics.RESIDENT_BYTES.labels(self.name, loaded.version).set(loaded.size_bytes)
+        if seed := getattr(self.batcher, "seed", None):
+            seed(loaded.version, loaded.warm_timings)
+
+    def pin(self, versions: set[str], now: float) -> None:
+        """The policy names ``versions`` now: those it no longer names retire after ``keep_previous_s``
+        (requests already sent to them finish), as a replaced live version does."""
+        for v in self.pinned - versions:
+            if v in self._resident and (self.live is None or self.live.version != v):
+                self._retire_at.setdefault(v, now + self.keep_previous_s)
+        self.pinned = {v for v in versions if v in self._resident}
+        for v in self.pinned:
+            self._retire_at.pop(v, None)
 
     def retire_due(self, now: float) -> list[LoadedVersion]:
         """Free previous versions whose grace period is over."""
@@ -132,8 +161,12 @@ class ModelSlot:
         return [self._free(v) for v in list(self._retire_at)]
 
     def unload(self) -> list[LoadedVersion]:
-        """Free every version, keeping what loading the live one again needs."""
+        """Free every version, keeping what loading the live one again needs (pinned versions too: the
+        policy watch loads them again at its next poll, and meanwhile their traffic goes to production)."""
         freed = self.retire_all()
+        live_version = self.live.version if self.live is not None else None
+        freed += [self._free(v) for v in list(self.pinned) if v != live_version and v in self._resident]
+        self.pinned.clear()
         live = self.live
         if live is not None:
             self.unloaded = UnloadedVersion(
@@ -181,15 +214,17 @@ class ModelSlot:
             "queue_depth": self.batcher.depth + sum(p.rows for p in self.waiting),
             "est_wait_ms": self.batcher.estimated_wait_s(now) * 1000,
             **({"refused": self.refused} if self.refused else {}),
+            **({"policy": self.policy.to_wire()} if self.policy is not None else {}),
         }
 
     def close(self) -> None:
         """The worker stopped serving this model: free everything and drop its series."""
-        self.retire_all()
-        if self.live is not None:
-            self._free(self.live.version)
-            self.live = None
+        for version in list(self._resident):
+            self._free(version)
+        self.live = None
+        self.pinned.clear()
         self.unloaded = None
         if self.refused is not None:
             metrics.remove_series(metrics.REFUSED, self.name, self.refused["version"])
         metrics.forget_model(self.name)
+        metrics.forget_policy(self.name)

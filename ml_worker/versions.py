@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import json
 import logging
 import os
 import time
@@ -29,6 +30,14 @@ from shared.signature import TABLE_INPUT, V2_DATATYPES, Column, to_record_batch
 logger = logging.getLogger(__name__)
 
 WARM_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class InjectedFault(ModelError):
+    """A request failed on purpose by a drill version (``fault.json``)."""
+
+
+FAULT_FILE = "fault.json"
+"""In a version's ``extra_files/``: ``{"fail_percent": P}`` makes it fail P% of requests once serving."""
 
 
 class ModelCheckFailed(ModelError):
@@ -82,6 +91,9 @@ class LoadedVersion:
     """Seconds its load, check and warm-up took (download excluded): what loading it again costs."""
     output_datatypes: dict[str, str] = field(default_factory=dict)
     """Open Inference Protocol datatype of each output, as the check's run gave it."""
+    fail_percent: float = 0.0
+    """Share of requests answered with an error after running (``tandem demo-model --fail-percent``: a
+    version that passes its checks and then fails in service, for rollout drills); 0 for real models."""
 
     def is_(self, ref: VersionRef) -> bool:
         """Whether this is the registry entry ``ref``: the same number and, when known, the same files."""
@@ -171,7 +183,22 @@ def _build(
     model = LoadedVersion(name, version, runner, spec, example, model_dir, WireInput(spec.input_name, spec.width))
     _check(model)
     _warm(model, max_batch_size)
+    model.fail_percent = _fail_percent(model_dir)
     return model
+
+
+def _fail_percent(model_dir: Path) -> float:
+    """The drill fault a version asks for (``extra_files/fault.json``), 0 without one."""
+    path = model_dir / "extra_files" / FAULT_FILE
+    if not path.exists():
+        return 0.0
+    try:
+        value = float(json.loads(path.read_text()).get("fail_percent", 0))
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise ModelCheckFailed(f"{model_dir.name}: unreadable {FAULT_FILE}: {exc}") from exc
+    if value:
+        logger.warning("%s is a drill version: it fails %g%% of requests on purpose", model_dir, value)
+    return min(max(value, 0.0), 100.0)
 
 
 def _build_from_signature(name: str, version: str, model_dir: Path, device: str, max_batch_size: int) -> LoadedVersion:

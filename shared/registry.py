@@ -356,3 +356,45 @@ def seal(uri: str, source: str, model_id: str | None = None, files: Path | None 
         upload.write_bytes(data)
         get_artifact_repository(location, tracking_uri=uri).log_artifact(str(upload))
     return integrity.digest(data)
+
+
+# -- traffic policies (shared/traffic.py): registered-model aliases and tags --------------------------
+
+
+def model_state(uri: str, name: str) -> tuple[dict[str, str], dict[str, str]]:
+    """A registered model's aliases (alias to version) and tags, in one call; both empty when the model
+    is not registered."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        rm = client(uri).get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return {}, {}
+        raise
+    aliases = {str(a): str(v) for a, v in (getattr(rm, "aliases", None) or {}).items()}
+    return aliases, dict(getattr(rm, "tags", None) or {})
+
+
+def set_model_tag(uri: str, name: str, key: str, value: str) -> None:
+    client(uri).set_registered_model_tag(name, key, str(value))
+
+
+def delete_model_tag(uri: str, name: str, key: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client(uri).delete_registered_model_tag(name, key)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+
+
+def delete_alias(uri: str, name: str, alias: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client(uri).delete_registered_model_alias(name, alias)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise

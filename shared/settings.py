@@ -307,6 +307,20 @@ class AppSettings(CommonSettings):
     curve_worker_key: Path | None = None
     """The workers' public key (their ``.key`` file): a worker holding another key is not talked to."""
 
+    # -- traffic policies: canary, A/B, shadow (app_server/traffic.py, app_server/shadow.py) ------------
+    safe_canary: bool = True
+    """A request that fails on the canary with a model or worker error (not bad input) is retried once on
+    production when its budget allows; the failure still counts against the canary. Off: callers see it."""
+
+    shadow_tolerance: float = Field(1e-3, ge=0)
+    """A shadow row agrees with production when their predictions differ by at most this much."""
+
+    shadow_timeout_ms: float = Field(1000.0, gt=0)
+    """Budget of one shadow copy (sent after the caller's answer, off its path)."""
+
+    shadow_max_in_flight: int = Field(64, ge=1)
+    """Shadow copies this app server holds at once; beyond, a copy is not sent and counts as ``shed``."""
+
     @model_validator(mode="after")
     def _curve_complete(self) -> AppSettings:
         both_or_neither("curve_secret_key", self.curve_secret_key, "curve_worker_key", self.curve_worker_key)

@@ -26,7 +26,9 @@ from tandem.options import (
     build,
     registry_uri_for_write,
 )
+from tandem.rollout import note_for_promote, rollout
 from tandem.spec_cli import app as spec_app
+from tandem.traffic_cmd import traffic
 
 app = typer.Typer(
     help="Tandem model serving: stateless app servers, batching GPU workers.",
@@ -139,6 +141,10 @@ def app_server(
     redis_url_file: Annotated[
         Path | None, typer.Option(help="File holding the Redis URL (a mounted Secret), instead of --redis-url.")
     ] = None,
+    safe_canary: Annotated[
+        bool | None, typer.Option("--safe-canary/--no-safe-canary", help="Retry canary failures on production.")
+    ] = None,
+    shadow_tolerance: Annotated[float | None, typer.Option(help="Shadow rows within this agree.")] = None,
 ) -> None:
     """Run one app server (uvicorn); it serves every model its workers serve, routing by name."""
     settings = build_or_exit(AppSettings, **locals())
@@ -310,6 +316,9 @@ def demo_model(
     size: Annotated[str, typer.Option(help="small (default) or large (compute-heavy, for benchmarks).")] = "small",
     dataset: Annotated[str, typer.Option(help="fraud (default; registered as demo) or churn.")] = "fraud",
     variant: Annotated[bool, typer.Option(help="Another seed and one extra feature: a visibly new version.")] = False,
+    fail_percent: Annotated[
+        float, typer.Option(help="Drill version: passes its checks, then fails this % of requests (0-100).")
+    ] = 0.0,
     seed: Annotated[int | None, typer.Option()] = None,
     name: Annotated[str | None, typer.Option(help="Registered name (default demo, demo-large or churn).")] = None,
     kind: Annotated[
@@ -346,9 +355,10 @@ def demo_model(
             name=name,
             dataset=dataset,
             kind=kind,
+            fail_percent=fail_percent,
         )
-    except TandemError as exc:
-        typer.echo(f"error: {logs.redact(exc.message)}", err=True)
+    except (TandemError, ValueError) as exc:
+        typer.echo(f"error: {logs.redact(getattr(exc, 'message', None) or str(exc))}", err=True)
         raise typer.Exit(1) from None
     aliases = f" (aliases: {', '.join(ref.aliases)})" if ref.aliases else ""
     typer.echo(f"registered {ref.name} version {ref.version}{aliases}")
@@ -420,9 +430,13 @@ def promote(
     else:
         registry.set_alias(uri, name, alias or "production", version)
         typer.echo(f"{name}@{alias or 'production'} -> version {version}")
+        if note := note_for_promote(uri, name):
+            typer.echo(note)
 
 
 app.command()(models)
+app.command()(rollout)
+app.command()(traffic)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from ``seed``.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -142,6 +143,16 @@ def build_model_dir(
     return save_onnx_folder(onnx.load_from_string(onnx_bytes), spec, instances, predictions_from(expected), out)
 
 
+def write_fault(folder: Path, fail_percent: float) -> None:
+    """Make ``folder`` a drill version: it passes its checks, then fails ``fail_percent``% of requests
+    (read by the worker at load: ``ml_worker.versions.FAULT_FILE``)."""
+    from ml_worker.versions import FAULT_FILE
+
+    if not 0 <= fail_percent <= 100:
+        raise ValueError(f"fail_percent must be within 0-100, not {fail_percent:g}")
+    (folder / "extra_files" / FAULT_FILE).write_text(json.dumps({"fail_percent": fail_percent}))
+
+
 def register_demo(
     uri: str,
     size: str = "small",
@@ -154,6 +165,7 @@ def register_demo(
     dataset: str = "fraud",
     alias_if_first: str | None = "production",
     kind: str = "network",
+    fail_percent: float = 0.0,
 ) -> registry.VersionRef:
     """Train, write and register a demo model; a tree kind is first checked as a worker loads it (its
     folder is not a Tandem one, so this is where a pipeline MLflow cannot serve would show)."""
@@ -172,6 +184,11 @@ def register_demo(
             folder = build_trees_dir(out, kind, seed=seed, variant=variant, rows=rows, dataset=dataset)
             check(name, folder)
         tags = {"size": size, "seed": str(seed), "variant": str(variant).lower(), "dataset": dataset, "kind": kind}
+        if fail_percent:
+            if kind != "network":
+                raise ValueError("fail_percent is for kind network")
+            write_fault(folder, fail_percent)
+            tags["fail_percent"] = f"{fail_percent:g}"
         return registry.register(
             uri,
             name,

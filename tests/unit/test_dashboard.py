@@ -46,6 +46,14 @@ DASHBOARD_METRICS = {
     "tandem_resident_budget_bytes",
     "tandem_model_evictions_total",
     "tandem_model_on_demand_loads_total",
+    "tandem_variant_requests_total",
+    "tandem_variant_request_duration_seconds",
+    "tandem_canary_fallbacks_total",
+    "tandem_shadow_requests_total",
+    "tandem_shadow_abs_diff",
+    "tandem_policy_percent",
+    "tandem_policy_errors_total",
+    "tandem_worker_shadow_shed_total",
 }
 # Labels Prometheus attaches on scrape.
 SCRAPE_LABELS = {"instance", "job"}
