@@ -374,6 +374,9 @@ def register(
         str | None,
         typer.Option(help="Point this alias at the new version (default: production, if no version has it yet)."),
     ] = None,
+    reference: Annotated[
+        Path | None, typer.Option(help="Training data (CSV/Parquet): store its reference profile, for drift.")
+    ] = None,
     registry_uri: RegistryUri = None,
     home: Home = None,
 ) -> None:
@@ -388,7 +391,14 @@ def register(
     uri = registry_uri_for_write(registry_uri, home)
     try:
         result = register_model(
-            uri, source, name, spec=spec, example=example, alias=alias, say=lambda m: typer.echo(m, err=True)
+            uri,
+            source,
+            name,
+            spec=spec,
+            example=example,
+            alias=alias,
+            reference=reference,
+            say=lambda m: typer.echo(m, err=True),
         )
     except RegisterError as exc:
         typer.echo(f"error: {logs.redact(exc.message)}", err=True)
