@@ -17,10 +17,13 @@ from tandem.keys_cli import app as keys_app
 from tandem.models_cmd import models
 from tandem.options import (
     CurveSecretKey,
+    Drift,
     Home,
     LogLevel,
     Model,
     Models,
+    PayloadLogUrl,
+    PayloadSample,
     RegistryUri,
     build,
     registry_uri_for_write,
@@ -131,6 +134,9 @@ def app_server(
     redis_url_file: Annotated[
         Path | None, typer.Option(help="File holding the Redis URL (a mounted Secret), instead of --redis-url.")
     ] = None,
+    drift: Drift = None,
+    payload_sample: PayloadSample = None,
+    payload_log: PayloadLogUrl = None,
 ) -> None:
     """Run one app server (uvicorn); it serves every model its workers serve, routing by name."""
     settings = build_or_exit(AppSettings, **locals())
@@ -209,6 +215,8 @@ APP_ONLY = (
     "prediction_cache_ttl_s",
     "heartbeat_interval",
     "default_model",
+    "payload_sample",
+    "payload_log",
 )
 
 
@@ -248,6 +256,9 @@ def up(
     prediction_cache_ttl_s: Annotated[float | None, typer.Option()] = None,
     heartbeat_interval: Annotated[float | None, typer.Option()] = None,
     log_requests: Annotated[bool | None, typer.Option("--log-requests")] = None,
+    drift: Drift = None,
+    payload_sample: PayloadSample = None,
+    payload_log: PayloadLogUrl = None,
     require_integrity: Annotated[
         bool | None, typer.Option("--require-integrity", help="Workers refuse versions without sha256 records.")
     ] = None,
@@ -285,6 +296,8 @@ def up(
     app_flags = as_flags(APP_ONLY)
     if log_requests:
         worker_flags["log-requests"] = app_flags["log-requests"] = ""
+    if drift is not None:
+        app_flags["drift" if drift else "no-drift"] = ""
     api_key = None
     if secure:
         from tandem.up import secure_flags
