@@ -60,19 +60,22 @@ def demo_worker(demo_registry, tmp_path_factory):
     w.stop(timeout=3)
 
 
-def test_sampling_fills_both_sinks_and_drift_sees_only_the_shifted_feature(demo_worker, redis_server, tmp_path):
+def test_both_sinks_get_every_record_and_drift_sees_only_the_shifted_feature(demo_worker, redis_server, tmp_path):
+    """Everything sampled here, so every record can be accounted for; the 10 % sampling rate itself is
+    checked over 5,000 requests in tests/component/test_payload_log.py (5,000 HTTP requests through two
+    app servers took 100 s on a shared 2-core machine)."""
     folder = tmp_path / "payload"
     stream = f"payload-{time.monotonic_ns()}"
-    sampled = ("--payload-sample", "0.1")
+    sampled = ("--payload-sample", "1")
     a = app([demo_worker.endpoint], tmp_path, *sampled, "--payload-log", folder.as_uri(), env=FAST)
     b = app([demo_worker.endpoint], tmp_path, *sampled, "--payload-log", f"{redis_server}?stream={stream}", env=FAST)
     try:
         wait_ready(a)
         wait_ready(b)
-        rows = instances(5000, seed=11)
-        one = [[r] for r in rows]
-        codes = asyncio.run(send_all(a.url, one, "one-")) + asyncio.run(send_all(b.url, one, "one-"))
-        assert codes.count(200) == 10_000
+        rows = instances(1000, seed=11)
+        batches = [rows[i : i + 50] for i in range(0, 1000, 50)]
+        codes = asyncio.run(send_all(a.url, batches, "ref-")) + asyncio.run(send_all(b.url, batches[:4], "ref-"))
+        assert codes.count(200) == 24
         # Reference traffic: every PSI under the warning line once a window is full.
         wait_for(lambda: sample(httpx.get(f"{a.url}/metrics").text, "tandem_drift_window_rows", model="demo",
                                 version="1") >= 1000, 10, what="a full drift window")  # fmt: skip
@@ -82,28 +85,24 @@ def test_sampling_fills_both_sinks_and_drift_sees_only_the_shifted_feature(demo_
         assert psi_of(a) < 0.1
         # The same traffic with amount x100, one window of it (20 requests of 50 instances).
         shifted = [{**r, "amount": r["amount"] * 100} for r in instances(1000, seed=12)]
-        assert set(asyncio.run(send_all(a.url, [shifted[i : i + 50] for i in range(0, 1000, 50)], "shifted-"))) == {200}
+        assert set(asyncio.run(send_all(a.url, [shifted[i : i + 50] for i in range(0, 1000, 50)], "shift-"))) == {200}
         wait_for(lambda: psi_of(a, "amount") > 0.25, 10, what="amount PSI over 0.25")
         assert all(psi_of(a, n) < 0.1 for n in names if n != "amount"), {n: psi_of(a, n) for n in names}
     finally:
         a.stop()  # a clean stop flushes what the payload log holds
         b.stop()
     logged = list(read_records(folder))
-    files = list(folder.glob("payload-*.jsonl.gz"))
-    with gzip.open(files[0], "rt") as fh:
+    with gzip.open(next(folder.glob("payload-*.jsonl.gz")), "rt") as fh:
         assert json.loads(fh.readline()).keys() == FIELDS
-    entries = redis.Redis.from_url(redis_server).xrange(stream)
-    from_redis = [json.loads(fields[b"record"]) for _, fields in entries]
+    from_redis = [json.loads(f[b"record"]) for _, f in redis.Redis.from_url(redis_server).xrange(stream)]
     sent = {json.dumps(r, sort_keys=True) for r in rows}
-    for records in (logged, from_redis):
+    for records, n_ref in ((logged, 1000), (from_redis, 200)):
         assert all(r.keys() == FIELDS for r in records)
         assert all(r["model"] == "demo" and r["version"] == "1" and r["variant"] == "production" for r in records)
         assert all(isinstance(r["prediction"], float) and r["latency_ms"] > 0 for r in records)
-        one = [r for r in records if r["request_id"].startswith("one-")]
-        assert all(json.dumps(r["instance"], sort_keys=True) in sent for r in one)  # the instance as sent
-        # 10 % of the 5,000 one-instance requests, within 1.5 points.
-        assert 425 <= len(one) <= 575, len(one)
-        assert len({r["request_id"] for r in one}) == len(one)
+        ref = [r for r in records if r["request_id"].startswith("ref-")]
+        assert len(ref) == n_ref and all(json.dumps(r["instance"], sort_keys=True) in sent for r in ref)
+    assert sum(r["request_id"].startswith("shift-") for r in logged) == 1000
 
 
 def p50_ms(url: str, body: dict, n: int = 150) -> float:

@@ -37,7 +37,7 @@ def rows_of(cols: dict[str, np.ndarray]) -> list[dict]:
 
 
 def test_profile_round_trips_and_follows_the_schema(fraud):
-    cols, spec, profile = fraud
+    _, spec, profile = fraud
     again = parse(profile.to_json())
     assert again == profile
     amount = profile.feature("amount")
