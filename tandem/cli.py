@@ -12,6 +12,7 @@ import typer
 
 from shared import logs
 from shared.settings import DEFAULT_HOME, AppSettings, CommonSettings, WorkerSettings
+from tandem.drift_cli import app as drift_app
 from tandem.features_cli import app as features_app
 from tandem.keys_cli import app as keys_app
 from tandem.models_cmd import models
@@ -39,6 +40,7 @@ app = typer.Typer(
 app.add_typer(features_app, name="features")
 app.add_typer(spec_app, name="spec")
 app.add_typer(keys_app, name="keys")
+app.add_typer(drift_app, name="drift")
 
 
 @app.command()
