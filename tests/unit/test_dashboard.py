@@ -46,6 +46,10 @@ DASHBOARD_METRICS = {
     "tandem_resident_budget_bytes",
     "tandem_model_evictions_total",
     "tandem_model_on_demand_loads_total",
+    "tandem_feature_drift_psi",
+    "tandem_prediction_drift_psi",
+    "tandem_payload_log_written_total",
+    "tandem_payload_log_dropped_total",
 }
 # Labels Prometheus attaches on scrape.
 SCRAPE_LABELS = {"instance", "job"}
