@@ -310,6 +310,8 @@ class AppSettings(CommonSettings):
 
     @model_validator(mode="after")
     def _payload_log_url(self) -> AppSettings:
+        if self.payload_sample > 0 and not self.payload_log:
+            raise ValueError("payload_sample is set but payload_log is not: say where the records go")
         if self.payload_log and not self.payload_log.startswith(("file://", "redis://", "rediss://", "unix://")):
             raise ValueError(
                 f"payload_log {self.payload_log!r}: expected file:///DIR or redis://HOST:PORT/DB?stream=KEY"
