@@ -149,3 +149,31 @@ def test_an_unwritable_folder_costs_log_records_not_requests_and_the_log_resumes
         wait_for(lambda: len(list(read_records(folder))) >= 20, 15, what="records in the folder")
     finally:
         a.stop()
+
+
+def test_a_profile_that_does_not_fit_turns_drift_off_for_that_version_and_serving_goes_on(demo_registry, tmp_path):
+    """demo's files registered again with a profile of other features (a mismatch a hand edit makes)."""
+    import shutil
+
+    from shared import registry
+    from shared.settings import home_registry_uri
+
+    folder = shutil.copytree(registry.download(demo_registry.uri, demo_registry.version, tmp_path / "dl"),
+                             tmp_path / "model")  # fmt: skip
+    path = registry.model_files(folder)["reference_profile"]
+    profile = json.loads(path.read_text())
+    profile["features"] = [f for f in profile["features"] if f["name"] != "amount"]
+    path.write_text(json.dumps(profile))
+    uri = home_registry_uri(tmp_path / "registry")
+    registry.register(uri, "mismatch", folder)
+    w = worker(uri, tmp_path, model="mismatch")
+    a = app([w.endpoint], tmp_path, model="mismatch", env=FAST)
+    try:
+        wait_ready(a)
+        assert set(asyncio.run(send_all(a.url, [instances(50, seed=6)] * 12, "m-"))) == {200}
+        wait_for(lambda: "does not fit it" in a.log(), 10, what="the warning")
+        assert "absent: ['amount']" in a.log()
+        assert "tandem_feature_drift_psi{" not in httpx.get(f"{a.url}/metrics").text
+    finally:
+        a.stop()
+        w.stop()
