@@ -144,3 +144,24 @@ def test_no_profile_or_a_mismatched_one_turns_drift_off_for_that_version(fraud, 
     monitor.offer("demo", "2", [{"amount": 1.0}], [0.5])
     monitor.tick()  # nothing to export, nothing raised
     assert monitor.snapshot() == {}
+
+
+def test_spec_fit_writes_the_profile_beside_the_spec(fraud, tmp_path):
+    from typer.testing import CliRunner
+
+    from tandem.cli import app as cli_app
+
+    cols, _, _ = fraud
+    frame = pd.DataFrame(cols).head(3000)
+    frame["label"] = 0
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    result = CliRunner().invoke(
+        cli_app,
+        ["spec", "fit", str(tmp_path / "train.csv"), "--target", "label", "--out", str(tmp_path / "spec.json"),
+         "--profile", str(tmp_path / "reference_profile.json"), "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    spec = FeatureSpec.model_validate_json((tmp_path / "spec.json").read_text())
+    profile = parse((tmp_path / "reference_profile.json").read_text())
+    profile.check(kinds_of_spec(spec))
+    assert profile.rows == 3000 and profile.prediction is None  # no model yet: features only
