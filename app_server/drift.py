@@ -15,9 +15,11 @@ features, other kinds), has no drift gauges; that is logged once as a warning, a
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -36,6 +38,9 @@ from shared.reference_profile import (
 
 logger = logging.getLogger(__name__)
 
+STALE_S = 600.0
+"""A version whose window took no row for this long loses its gauges (a retired version must not keep an
+alert firing); traffic brings it back with a fresh window."""
 PENDING_MAX = 10_000
 """Requests waiting for the drift thread at most; beyond, the oldest are skipped (drift is a sample anyway)."""
 
@@ -54,6 +59,8 @@ class VersionWindow:
         self.predicted = np.zeros(size, dtype=np.int16)
         self.filled = 0
         self.pos = 0
+        self.last_row = 0.0
+        """``time.monotonic()`` of the last rows added."""
 
     def add(self, instances: Sequence[Mapping[str, Any]], predictions: Sequence[Any]) -> None:
         """Bin a block of rows (all features at once) and write it into the ring."""
@@ -155,8 +162,10 @@ class DriftMonitor:
             except Exception:  # never let one bad batch end the gauges for good
                 logger.exception("drift update failed")
 
-    def tick(self) -> None:
-        """Fold what queued up into the windows and export the PSI of every window that changed."""
+    def tick(self, now: float | None = None) -> None:
+        """Fold what queued up into the windows and export the PSI of every window that changed; drop
+        the gauges of versions that have had no traffic for :data:`STALE_S`."""
+        now = time.monotonic() if now is None else now
         grouped: dict[tuple[str, str], tuple[list[Any], list[Any]]] = {}
         pending = self._pending
         while pending:
@@ -171,8 +180,13 @@ class DriftMonitor:
             if win is None:
                 continue
             win.add(rows, preds)
+            win.last_row = now
             if win.filled >= self.min_rows:
                 self._export(win)
+        for key, win in list(self._windows.items()):
+            if win is not None and now - win.last_row > STALE_S:
+                self._forget(win)
+                del self._windows[key]
 
     def _window(self, model: str, version: str) -> VersionWindow | None:
         key = (model, version)
@@ -190,6 +204,15 @@ class DriftMonitor:
         if prediction is not None:
             metrics.PREDICTION_DRIFT_PSI.labels(win.model, win.version).set(prediction)
         metrics.DRIFT_WINDOW_ROWS.labels(win.model, win.version).set(win.filled)
+
+    def _forget(self, win: VersionWindow) -> None:
+        for col in win.columns:
+            with contextlib.suppress(KeyError):
+                metrics.FEATURE_DRIFT_PSI.remove(win.model, win.version, col.name)
+        for gauge in (metrics.PREDICTION_DRIFT_PSI, metrics.DRIFT_WINDOW_ROWS):
+            with contextlib.suppress(KeyError):
+                gauge.remove(win.model, win.version)
+        logger.info("%s v%s: no traffic for %.0f s, its drift gauges are gone", win.model, win.version, STALE_S)
 
     def snapshot(self) -> dict[tuple[str, str], tuple[dict[str, float], float | None]]:
         """PSI of every window now (for tests and debugging; the gauges are the interface)."""

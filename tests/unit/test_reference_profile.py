@@ -165,3 +165,24 @@ def test_spec_fit_writes_the_profile_beside_the_spec(fraud, tmp_path):
     profile = parse((tmp_path / "reference_profile.json").read_text())
     profile.check(kinds_of_spec(spec))
     assert profile.rows == 3000 and profile.prediction is None  # no model yet: features only
+
+
+def test_a_version_without_traffic_loses_its_gauges(fraud):
+    from prometheus_client import REGISTRY
+
+    from app_server.drift import STALE_S
+
+    _, spec, profile = fraud
+    desc = describe(spec, json.loads(profile.to_json()))
+    monitor = DriftMonitor(lambda m, v: desc, window=100, interval_s=60)
+    live, _ = synthesize_fraud(100, np.random.default_rng(8))
+    monitor.offer("retired", "4", rows_of(live), [0.1] * 100)
+    monitor.tick(now=1000.0)
+    labels = {"model": "retired", "version": "4", "feature": "amount"}
+    assert REGISTRY.get_sample_value("tandem_feature_drift_psi", labels) is not None
+    monitor.tick(now=1000.0 + STALE_S / 2)
+    assert REGISTRY.get_sample_value("tandem_feature_drift_psi", labels) is not None
+    monitor.tick(now=1001.0 + STALE_S)
+    assert REGISTRY.get_sample_value("tandem_feature_drift_psi", labels) is None
+    assert REGISTRY.get_sample_value("tandem_prediction_drift_psi", {"model": "retired", "version": "4"}) is None
+    assert monitor.snapshot() == {}
