@@ -60,7 +60,7 @@ class ColumnBins:
     def labels(self) -> list[str]:
         """A name per bin, for a report's axis."""
         if self._edges is not None:
-            e = [f"{v:.4g}" for v in self._edges]
+            e = [f"{v:.3g}" for v in self._edges]
             if not e:
                 return ["all", "missing"]
             return [f"< {e[0]}", *(f"{a} to {b}" for a, b in itertools.pairwise(e)), f"≥ {e[-1]}", "missing"]

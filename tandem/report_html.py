@@ -13,7 +13,7 @@ import time
 
 from tandem.drift_report import PAGE, WARN, ColumnDrift, VersionDrift
 
-W, H, PAD_L, PAD_B, PAD_T = 640, 210, 44, 64, 12
+W, H, PAD_L, PAD_B, PAD_T = 640, 230, 44, 84, 12
 COLOURS = {"reference": "#9aa5b1", "live": {"stable": "#2f9e44", "watch": "#f08c00", "drifted": "#e03131"}}
 
 CSS = """
