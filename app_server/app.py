@@ -29,6 +29,7 @@ from app_server.failover import Dispatcher
 from app_server.fast_path import PredictFastPath
 from app_server.feature_store import RedisFeatureStore
 from app_server.http_metrics import MetricsMiddleware
+from app_server.observe import Observer
 from app_server.openapi import install_openapi
 from app_server.predict import Predictor
 from app_server.prediction_cache import PredictionCache
@@ -63,6 +64,7 @@ def create_app(settings: AppSettings, pool: WorkerPool | None = None) -> FastAPI
     cache = PredictionCache.from_settings(settings)
     dispatcher = Dispatcher(settings, pool)
     admission = Admission.from_settings(settings)  # None with --no-admission
+    observer = Observer.from_settings(settings, pool)  # a bad --payload-log stops start-up here
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
@@ -70,11 +72,15 @@ def create_app(settings: AppSettings, pool: WorkerPool | None = None) -> FastAPI
         tune_gc()
         key_watch = asyncio.create_task(api_keys.watch()) if api_keys is not None else None
         lag_probe = asyncio.create_task(admission.lag.run()) if admission is not None else None
+        if observer is not None:
+            observer.start()
         try:
             yield
         finally:
             if lag_probe is not None:
                 lag_probe.cancel()
+            if observer is not None:  # after the last request: the payload log writes what it holds
+                await asyncio.to_thread(observer.close)
             if key_watch is not None:
                 key_watch.cancel()
             await app.state.predictor.shadow.close()  # mirrors first: nobody waits for them
@@ -96,6 +102,7 @@ def create_app(settings: AppSettings, pool: WorkerPool | None = None) -> FastAPI
     app.state.catalog = ModelCatalog(settings, pool)
     app.state.dispatcher = dispatcher
     app.state.predictor = Predictor(settings, pool, feature_store, cache, dispatcher)
+    app.state.predictor.observer = observer
     app.include_router(v1.router)
     app.include_router(v2.router)
     install_openapi(app)

@@ -117,3 +117,27 @@ SHADOW_ABS_DIFF = Histogram(
     ["model"],
     buckets=(1e-6, 1e-5, 1e-4, 1e-3, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
+
+
+# -- Model observability: drift against each version's reference profile, and the payload log --------
+FEATURE_DRIFT_PSI = Gauge(
+    "tandem_feature_drift_psi",
+    "Population stability index of a feature's last drift_window values against the version's reference "
+    "profile (under 0.1 stable, over 0.25 drifted)",
+    ["model", "version", "feature"],
+)
+PREDICTION_DRIFT_PSI = Gauge(
+    "tandem_prediction_drift_psi",
+    "Population stability index of the last drift_window predictions against the version's reference profile",
+    ["model", "version"],
+)
+DRIFT_WINDOW_ROWS = Gauge(
+    "tandem_drift_window_rows", "Rows in the drift window of a version (PSI is exported from 500)", ["model", "version"]
+)
+PAYLOAD_LOG_WRITTEN = Counter("tandem_payload_log_written_total", "Payload log records written to the sink")
+PAYLOAD_LOG_DROPPED = Counter(
+    "tandem_payload_log_dropped_total",
+    "Payload log records dropped, never a request: buffer_full (the sink is slower than the sampled traffic) "
+    "or sink_error (the sink refused or was unreachable)",
+    ["reason"],
+)

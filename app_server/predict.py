@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from app_server import metrics
 from app_server.error_render import validation_error
 from app_server.failover import Dispatcher, Prepared
+from app_server.observe import Observer
 from app_server.prediction_cache import PredictionCache
 from app_server.schemas import VersionSpecs
 from app_server.shadow import Shadow
@@ -56,6 +57,8 @@ class Predictor:
         self.shadow = Shadow(settings, pool, self.prepare)
         self.variants = Variants(settings, pool, self._predict, self.shadow)
         self._cache_writes: set[asyncio.Future[None]] = set()  # referenced until done, or they may vanish
+        self.observer: Observer | None = None
+        """Drift and payload log (``app_server/observe.py``): handed each answer, works off the request path."""
 
     def check_body(self, body: Any) -> list[Any]:
         """Shape checks that need no feature spec: answered before any worker is involved."""
@@ -104,8 +107,12 @@ class Predictor:
         """Predictions of ``model`` for ``instances``, each row encoded for the version that computes it,
         on the variant the model's traffic policy gives this caller (``headers``: for ``header:NAME``
         stickiness). The answer names the ``variant`` and ``model_version`` that computed it."""
+        t0 = time.perf_counter()
         with self.dispatcher.admitted():
-            return await self.variants.predict(model, instances, request_id, deadline, headers)
+            answer = await self.variants.predict(model, instances, request_id, deadline, headers)
+        if self.observer is not None:
+            self.observer.observe(model, instances, answer, time.perf_counter() - t0)
+        return answer
 
     async def _predict(
         self, model: str, instances: list[Any], request_id: str, deadline: float, version: str | None = None

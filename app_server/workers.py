@@ -381,6 +381,10 @@ class WorkerPool:
         with contextlib.suppress(zmq.ZMQError):
             _send_now(conn, protocol.request(Kind.CANCEL, self._next_id(), target=msg_id))
 
+    def described(self, model: str, version: str) -> dict[str, Any] | None:
+        """What a worker described of ``model`` ``version`` so far (no I/O; any thread)."""
+        return self._describe_cache.get((model, version))
+
     async def describe(self, conn: WorkerConn, model: str, version: str, timeout_s: float = 2.0) -> dict[str, Any]:
         """Feature spec, input example and signature of a version, cached per (model, version)."""
         key = (model, version)

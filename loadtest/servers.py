@@ -157,9 +157,11 @@ def start_tandem(
     device: str = "auto",
     worker_args: tuple[str, ...] = (),
     apps: int = 1,
+    app_args: tuple[str, ...] = (),
 ) -> Server:
-    """App server(s) + one worker (``--device``, and any other worker flags in ``worker_args``); with
-    ``apps`` > 1, that many app servers sharing the port (``--reuse-port``, as ``tandem up --apps``)."""
+    """App server(s) + one worker (``--device``, and any other worker flags in ``worker_args``; app server
+    flags in ``app_args``); with ``apps`` > 1, that many app servers sharing the port (``--reuse-port``,
+    as ``tandem up --apps``)."""
     wport, mport, aport = free_port(), free_port(), free_port()
     endpoint = f"tcp://127.0.0.1:{wport}"
     tandem = [sys.executable, "-m", "tandem"]
@@ -169,7 +171,7 @@ def start_tandem(
     worker += ["--cache-dir", str(logs.parent / "cache"), "--poll-interval", "60", "--log-level", "WARNING"]
     worker += ["--device", device, *worker_args]
     app = [*tandem, "app", "--host", "127.0.0.1", "--port", str(aport), "--worker-urls", endpoint]
-    app += ["--models", models, "--default-model", models.split(",")[0], "--log-level", "WARNING"]
+    app += ["--models", models, "--default-model", models.split(",")[0], "--log-level", "WARNING", *app_args]
     server = Server(
         name,
         f"http://127.0.0.1:{aport}",

@@ -21,6 +21,7 @@ import numpy as np
 
 from ml_worker.mlflow_runner import MLflowRunner
 from ml_worker.runners import OnnxRunner, Runner, TorchScriptRunner
+from shared import reference_profile
 from shared.errors import ModelError
 from shared.features import FeatureSpec, load_spec, predictions_from
 from shared.protocol import wire_dtype
@@ -94,6 +95,8 @@ class LoadedVersion:
     fail_percent: float = 0.0
     """Share of requests answered with an error after running (``tandem demo-model --fail-percent``: a
     version that passes its checks and then fails in service, for rollout drills); 0 for real models."""
+    reference_profile: dict[str, Any] | None = None
+    """Its ``reference_profile.json`` as stored, passed on to app servers (which check it) in ``describe``."""
 
     def is_(self, ref: VersionRef) -> bool:
         """Whether this is the registry entry ``ref``: the same number and, when known, the same files."""
@@ -108,7 +111,13 @@ class LoadedVersion:
             {"name": n, "datatype": self.output_datatypes.get(n, "FP32"), "shape": shape}
             for n, shape in zip(self.runner.output_names, self.runner.output_shapes, strict=True)
         ]
-        common = {"model": self.name, "version": self.version, "device": self.device, "outputs": outputs}
+        common = {
+            "model": self.name,
+            "version": self.version,
+            "device": self.device,
+            "outputs": outputs,
+            "reference_profile": self.reference_profile,
+        }
         if self.spec is None:
             runner: Any = self.runner
             columns = self.columns or []
@@ -152,10 +161,21 @@ def load_version(
     trim_heap()
     before = resident_bytes()
     loaded = _build(name, version, model_dir, device, intra_op_threads, max_batch_size)
+    loaded.reference_profile = _reference_profile(name, version, model_dir)
     trim_heap()
     loaded.size_bytes = max(resident_bytes() - before, files_bytes(model_dir))
     loaded.load_s = time.monotonic() - t0
     return loaded
+
+
+def _reference_profile(name: str, version: str, model_dir: Path) -> dict[str, Any] | None:
+    """The stored profile as JSON, unchecked (the app servers check it against the spec); an unreadable
+    one is left out with a warning: drift is off for the version, serving is not affected."""
+    try:
+        return reference_profile.read(model_files(model_dir)["reference_profile"])
+    except (OSError, ValueError) as exc:
+        logger.warning("%s v%s: unreadable %s, no drift for it: %s", name, version, reference_profile.FILE, exc)
+        return None
 
 
 def _build(

@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     StrictBool,
     StrictInt,
     StrictStr,
@@ -102,6 +103,25 @@ class FeatureSpec(BaseModel):
     """Entity whose stored features live in Redis at ``tandem:{entity}:{entity_id}``."""
     input_name: str = "input"
     output_name: str = "probability"
+    _fitted_profile: Any = PrivateAttr(None)
+
+    @property
+    def fitted_profile(self) -> Any:
+        """The reference profile of the data :meth:`fit` fitted this spec on (``None`` for a spec made
+        otherwise): what ``reference_profile.json`` beside it should hold (``shared/reference_profile.py``)."""
+        return self._fitted_profile
+
+    def keep_profile(self, profile: Any) -> None:
+        """Remember the profile :meth:`fit` took (a private attribute: the spec itself stays frozen)."""
+        assert self.__pydantic_private__ is not None
+        self.__pydantic_private__["_fitted_profile"] = profile
+
+    def reference_profile(self, frame: Any, predictions: Any = None) -> Any:
+        """The reference profile of training data ``frame`` (a DataFrame), with the model's ``predictions``
+        for its rows when given (:func:`shared.spec_fit.reference_profile`)."""
+        from shared.spec_fit import reference_profile
+
+        return reference_profile(self, frame, predictions)
 
     @field_validator("features")
     @classmethod

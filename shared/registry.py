@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 EXPERIMENT = "tandem-models"
 FEATURE_SPEC = "feature_spec.json"
 INPUT_EXAMPLE = "input_example.json"
+REFERENCE_PROFILE = "reference_profile.json"
+"""Training and prediction distributions of the version (``shared/reference_profile.py``); optional."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +231,7 @@ def model_files(model_dir: Path) -> dict[str, Path]:
         "torchscript": model_dir / "model.pt",
         "feature_spec": extra / FEATURE_SPEC,
         "input_example": extra / INPUT_EXAMPLE,
+        "reference_profile": extra / REFERENCE_PROFILE,
     }
 
 

@@ -326,6 +326,50 @@ class AppSettings(CommonSettings):
         both_or_neither("curve_secret_key", self.curve_secret_key, "curve_worker_key", self.curve_worker_key)
         return self
 
+    # -- Model observability: drift gauges and the payload log (app_server/observe.py) ------------------
+    drift: bool = True
+    """Compare each version's live instances and predictions with its reference profile
+    (``reference_profile.json``) and export ``tandem_feature_drift_psi``/``tandem_prediction_drift_psi``.
+    A version without a profile simply has no drift gauges."""
+
+    drift_window: int = Field(2000, ge=100)
+    """Rows per (model, version) the drift gauges are computed over (the most recent ones)."""
+
+    drift_sample: float = Field(1.0, gt=0, le=1)
+    """Share of answered requests the drift window takes in (lower it if the drift thread shows in CPU)."""
+
+    drift_interval_s: float = Field(2.0, gt=0)
+    """How often the drift thread folds new rows in and updates the gauges."""
+
+    payload_sample: float = Field(0.0, ge=0, le=1)
+    """Share of ``/predict`` requests written to the payload log, every instance of a sampled one; 0: none."""
+
+    payload_log: str | None = None
+    """Where sampled requests go: ``file:///DIR`` (rotated gzip JSON lines) or ``redis://HOST:PORT/DB?stream=KEY``
+    (a capped stream). Unset: no payload log."""
+
+    payload_buffer: int = Field(10_000, ge=1)
+    """Records waiting for the sink at most; beyond, new ones are dropped and counted (never a request)."""
+
+    payload_rotate_mb: float = Field(64.0, gt=0)
+    """A payload log file is closed and a new one started after this many MB of records (uncompressed)..."""
+
+    payload_rotate_s: float = Field(3600.0, gt=0)
+    """... or after this many seconds, whichever comes first."""
+
+    payload_stream_maxlen: int = Field(1_000_000, ge=1)
+    """Entries a Redis payload stream is capped at (``XADD MAXLEN ~``: trimmed in whole nodes, about this)."""
+
+    @model_validator(mode="after")
+    def _payload_log_url(self) -> AppSettings:
+        if self.payload_sample > 0 and not self.payload_log:
+            raise ValueError("payload_sample is set but payload_log is not: say where the records go")
+        if self.payload_log and not self.payload_log.startswith(("file://", "redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"payload_log {self.payload_log!r}: expected file:///DIR or redis://HOST:PORT/DB?stream=KEY"
+            )
+        return self
+
     def worker_endpoints(self) -> list[str]:
         return [u.strip() for u in self.worker_urls.split(",") if u.strip()]
 

@@ -58,10 +58,12 @@ _FALSE = {"false", "0"}
 
 
 def fit_spec(frame: pd.DataFrame, *, target: str | None = None, **options: Any) -> FeatureSpec:
-    """The spec alone (notes about skipped columns are logged); see :func:`fit_with_notes` for the options."""
+    """The spec (notes about skipped columns are logged), carrying the reference profile of ``frame``
+    (``spec.fitted_profile``); see :func:`fit_with_notes` for the options."""
     spec, notes = fit_with_notes(frame, target=target, **options)
     for note in notes:
         logger.info("spec fit: %s", note)
+    spec.keep_profile(reference_profile(spec, frame))
     return spec
 
 
@@ -353,3 +355,27 @@ def frame_columns(spec: FeatureSpec, frame: pd.DataFrame) -> dict[str, Any]:
                 values[missing] = f.default
         columns[f.name] = values
     return columns
+
+
+def reference_profile(spec: FeatureSpec, frame: pd.DataFrame, predictions: Any = None) -> Any:
+    """The :class:`~shared.reference_profile.ReferenceProfile` of training data ``frame`` under ``spec``:
+    values read as the encoder reads them (text as a client sends it, booleans as booleans), missing
+    cells kept as missing (a request may leave out a feature with a default, and that rate is worth
+    watching too), with ``predictions`` (the model's, for these rows) when given."""
+    from shared.reference_profile import kinds_of_spec, profile_columns
+
+    columns: dict[str, Any] = {}
+    for f in spec.features:
+        if f.name not in frame.columns:
+            columns[f.name] = [None] * len(frame)
+            continue
+        series = frame[f.name]
+        missing = series.isna().to_numpy()
+        if isinstance(f, NumericFeature):
+            columns[f.name] = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+            continue
+        values = np.full(len(series), None, dtype=object)
+        present = series[~missing]
+        values[~missing] = _as_bool(present, f.name) if f.type == "boolean" else _as_text(present).to_numpy()
+        columns[f.name] = values
+    return profile_columns(columns, kinds_of_spec(spec), predictions)

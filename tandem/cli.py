@@ -13,15 +13,19 @@ import typer
 from shared import logs
 from shared.settings import DEFAULT_HOME, AppSettings, CommonSettings, WorkerSettings
 from tandem import tail_options as tail
+from tandem.drift_cli import app as drift_app
 from tandem.features_cli import app as features_app
 from tandem.keys_cli import app as keys_app
 from tandem.models_cmd import models
 from tandem.options import (
     CurveSecretKey,
+    Drift,
     Home,
     LogLevel,
     Model,
     Models,
+    PayloadLogUrl,
+    PayloadSample,
     RegistryUri,
     build,
     registry_uri_for_write,
@@ -39,6 +43,7 @@ app = typer.Typer(
 app.add_typer(features_app, name="features")
 app.add_typer(spec_app, name="spec")
 app.add_typer(keys_app, name="keys")
+app.add_typer(drift_app, name="drift")
 
 
 @app.command()
@@ -145,6 +150,9 @@ def app_server(
         bool | None, typer.Option("--safe-canary/--no-safe-canary", help="Retry canary failures on production.")
     ] = None,
     shadow_tolerance: Annotated[float | None, typer.Option(help="Shadow rows within this agree.")] = None,
+    drift: Drift = None,
+    payload_sample: PayloadSample = None,
+    payload_log: PayloadLogUrl = None,
 ) -> None:
     """Run one app server (uvicorn); it serves every model its workers serve, routing by name."""
     settings = build_or_exit(AppSettings, **locals())
@@ -215,6 +223,8 @@ APP_ONLY = (
     "prediction_cache_ttl_s",
     "heartbeat_interval",
     "default_model",
+    "payload_sample",
+    "payload_log",
 )
 
 
@@ -255,6 +265,9 @@ def up(
     prediction_cache_ttl_s: Annotated[float | None, typer.Option()] = None,
     heartbeat_interval: Annotated[float | None, typer.Option()] = None,
     log_requests: Annotated[bool | None, typer.Option("--log-requests")] = None,
+    drift: Drift = None,
+    payload_sample: PayloadSample = None,
+    payload_log: PayloadLogUrl = None,
     require_integrity: Annotated[
         bool | None, typer.Option("--require-integrity", help="Workers refuse versions without sha256 records.")
     ] = None,
@@ -292,6 +305,8 @@ def up(
     app_flags = as_flags(APP_ONLY)
     if log_requests:
         worker_flags["log-requests"] = app_flags["log-requests"] = ""
+    if drift is not None:
+        app_flags["drift" if drift else "no-drift"] = ""
     api_key = None
     if secure:
         from tandem.up import secure_flags
@@ -386,6 +401,9 @@ def register(
         str | None,
         typer.Option(help="Point this alias at the new version (default: production, if no version has it yet)."),
     ] = None,
+    reference: Annotated[
+        Path | None, typer.Option(help="Training data (CSV/Parquet): store its reference profile, for drift.")
+    ] = None,
     registry_uri: RegistryUri = None,
     home: Home = None,
 ) -> None:
@@ -400,7 +418,14 @@ def register(
     uri = registry_uri_for_write(registry_uri, home)
     try:
         result = register_model(
-            uri, source, name, spec=spec, example=example, alias=alias, say=lambda m: typer.echo(m, err=True)
+            uri,
+            source,
+            name,
+            spec=spec,
+            example=example,
+            alias=alias,
+            reference=reference,
+            say=lambda m: typer.echo(m, err=True),
         )
     except RegisterError as exc:
         typer.echo(f"error: {logs.redact(exc.message)}", err=True)

@@ -133,14 +133,28 @@ def build_model_dir(
     import onnx
     import onnxruntime as ort
 
-    from tandem.register import save_onnx_folder
+    from tandem.model_folder import save_onnx_folder
 
     model, spec, cols = train(size, seed=seed, variant=variant, rows=rows, epochs=epochs, dataset=dataset)
     onnx_bytes = export_onnx(model, spec.width)
     instances = example_instances(cols)
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     expected = session.run(None, {"input": spec.encoder.encode(instances)})[0]
-    return save_onnx_folder(onnx.load_from_string(onnx_bytes), spec, instances, predictions_from(expected), out)
+    profile = reference_of(spec, cols, session)
+    return save_onnx_folder(
+        onnx.load_from_string(onnx_bytes), spec, instances, predictions_from(expected), out, profile=profile
+    )
+
+
+def reference_of(spec: FeatureSpec, cols: dict[str, np.ndarray], session: Any) -> Any:
+    """The reference profile of the training columns, with the exported model's predictions on them
+    (what drift is measured against: ``shared/reference_profile.py``)."""
+    from shared.reference_profile import kinds_of_spec, profile_columns
+
+    n = len(next(iter(cols.values())))
+    x = spec.encoder.encode_columns(cols, n)
+    predictions = np.concatenate([session.run(None, {"input": x[i : i + 4096]})[0] for i in range(0, n, 4096)])
+    return profile_columns(cols, kinds_of_spec(spec), predictions_from(predictions))
 
 
 def write_fault(folder: Path, fail_percent: float) -> None:
@@ -288,6 +302,11 @@ def build_trees_dir(
         # Built here from known parts, so every type in it is trusted (our fill_defaults, the tree classes).
         skops_trusted_types=skops.io.get_untrusted_types(data=skops.io.dumps(pipeline)),
     )
+    from shared.reference_profile import kinds_of_spec, profile_frame
+    from tandem.reference_data import store
+
+    predicted = getattr(pipeline, predict_fn)(frame)  # the raw fields are the signature's columns
+    store(out, profile_frame(frame, kinds_of_spec(spec), predictions_from(np.asarray(predicted))))
     return out
 
 

@@ -30,6 +30,16 @@ CurveSecretKey = Annotated[
     Path | None, typer.Option(help="CURVE: this process's key pair, a .key_secret file (tandem keys generate).")
 ]
 
+Drift = Annotated[
+    bool | None, typer.Option("--drift/--no-drift", help="Drift gauges against each version's reference profile.")
+]
+PayloadSample = Annotated[
+    float | None, typer.Option(help="Share of /predict requests written to the payload log (e.g. 0.01).")
+]
+PayloadLogUrl = Annotated[
+    str | None, typer.Option(help="Payload log sink: file:///DIR (gzip JSON lines) or redis://HOST:PORT/DB?stream=KEY.")
+]
+
 
 def build(cls: type[CommonSettings], **flags: Any) -> Any:
     """Settings from the environment, with every flag the user actually gave taking precedence."""

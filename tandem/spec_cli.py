@@ -109,6 +109,10 @@ def fit(
     input_name: Annotated[str, typer.Option(help="The model's input tensor name.")] = "input",
     output_name: Annotated[str, typer.Option(help="The model's output tensor name.")] = "probability",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print no summary.")] = False,
+    profile: Annotated[
+        Path | None,
+        typer.Option(help="Also write the data's reference profile here (reference_profile.json, for drift)."),
+    ] = None,
 ) -> None:
     """Infer a feature spec from DATA: numbers standardised and clipped, booleans, categories, hashed text."""
     from shared.spec_fit import fit_with_notes
@@ -136,6 +140,8 @@ def fit(
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    if profile is not None:
+        profile.write_text(spec.reference_profile(frame).to_json() + "\n")
     text = spec.to_json() + "\n"
     if out is None or str(out) == "-":
         typer.echo(text, nl=False)

@@ -54,6 +54,10 @@ DASHBOARD_METRICS = {
     "tandem_policy_percent",
     "tandem_policy_errors_total",
     "tandem_worker_shadow_shed_total",
+    "tandem_feature_drift_psi",
+    "tandem_prediction_drift_psi",
+    "tandem_payload_log_written_total",
+    "tandem_payload_log_dropped_total",
 }
 # Labels Prometheus attaches on scrape.
 SCRAPE_LABELS = {"instance", "job"}
