@@ -17,6 +17,7 @@ from app_server.prediction_cache import PredictionCache
 from app_server.worker_conn import ModelOnWorker, WorkerConn
 from shared.errors import NoWorkers
 from shared.features import CategoricalFeature, FeatureSpec, NumericFeature
+from shared.protocol import Message
 from shared.settings import AppSettings
 
 SPEC = FeatureSpec(
@@ -60,12 +61,6 @@ async def test_round_trip_ttl_and_a_dead_redis_is_a_miss(redis_server):
     await dead.close()
 
 
-@dataclass
-class Reply:
-    header: dict[str, Any]
-    tensors: dict[str, np.ndarray]
-
-
 def serving(model: str, version: str) -> WorkerConn:
     """A worker (no socket: the fake pool answers for it) whose heartbeat said it serves ``version``."""
     return WorkerConn("fake", None, alive=True, models={model: ModelOnWorker(live=version, resident=[version])})  # type: ignore[arg-type]
@@ -92,11 +87,11 @@ class FakePool:
     async def describe(self, conn: WorkerConn, model: str, version: str) -> dict[str, Any]:
         return {"feature_spec": SPEC.model_dump()}
 
-    async def infer(self, conn, model, version, inputs, budget_s, request_id) -> Reply:
+    async def infer(self, conn, model, version, inputs, budget_s, request_id) -> Message:
         x = inputs["input"]
         self.calls.append((version, x.shape[0]))
         out = x.sum(axis=1, keepdims=True) + 1000 * int(version)
-        return Reply({"status": "ok", "version": version}, {"probability": out})
+        return Message({"status": "ok", "version": version}, {"probability": out})
 
 
 async def predict(predictor: Predictor, instances: list[dict]) -> dict:
