@@ -74,9 +74,11 @@ def summarize(
     outcomes: Counter[str],
     versions: Counter[str],
     span_s: float,
+    refused_ms: list[float] | None = None,
 ) -> dict[str, Any]:
     """The run's summary (the JSON the command prints). Latency percentiles are over successful answers;
-    errors are counted."""
+    errors are counted, and how long refusals took (any non-200 answer that came back: a 503 that took
+    a second is an overload failure even though it is not a timeout) is ``refused_p99_ms``."""
     lat = np.sort(np.asarray(latencies_ms, dtype=np.float64))
     ok = outcomes.get("ok", 0)
 
@@ -95,8 +97,13 @@ def summarize(
         "p99_ms": ms(99),
         "p999_ms": ms(99.9),
         "max_ms": round(float(lat[-1]), 3) if len(lat) else None,
+        "refused_p99_ms": _round(percentile(sorted(refused_ms or []), 99)),
         "versions": dict(sorted(versions.items())),
     }
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 3)
 
 
 class _Generator:
@@ -113,6 +120,8 @@ class _Generator:
         """Scheduled send times waiting for a free connection."""
         self.measure_from = 0.0
         self.latencies_ms: list[float] = []
+        self.refused_ms: list[float] = []
+        """How long each answered non-200 took (not timeouts nor broken connections)."""
         self.outcomes: Counter[str] = Counter()
         self.versions: Counter[str] = Counter()
         self.last_done = 0.0
@@ -131,6 +140,8 @@ class _Generator:
         if outcome == "ok":
             self.latencies_ms.append((now - scheduled) * 1000.0)
             self.versions[version or "?"] += 1
+        elif outcome.isdigit():
+            self.refused_ms.append((now - scheduled) * 1000.0)
 
     def dispatch(self, scheduled: float) -> None:
         if self.idle:
@@ -302,7 +313,7 @@ async def run_many_async(
     results = []
     for target, gen in zip(targets, gens, strict=True):
         span = max(duration, gen.last_done - gen.measure_from)
-        result = summarize(target[2], gen.latencies_ms, gen.outcomes, gen.versions, span)
+        result = summarize(target[2], gen.latencies_ms, gen.outcomes, gen.versions, span, gen.refused_ms)
         result["duration_s"] = duration
         result["client_cpu_pct"] = cpu_pct  # the whole generator's, shared by its targets
         if keep_latencies:

@@ -6,10 +6,10 @@ mid-load; p99 before, during and after the swap, and how long until every worker
 p99 before/during/after, ``/readyz`` while it happens, and the supervisor restarting the worker.
 ``overload``: three deliberately slow workers (``--debug-delay-ms``) offered ten times their
 capacity; which statuses come back, the shed rate, and how fast the stack serves normally afterwards.
-``overload-app`` and ``slow-worker`` (the app server's own overload, and hedged requests):
-:mod:`loadtest.tail_scenarios`.
+``overload-app``, ``slow-worker``, ``degrade`` and ``http-bound`` (the app server's own overload, hedged
+requests, graceful degradation past the held maximum, the HTTP-bound case): :mod:`loadtest.tail_scenarios`.
 
-    python -m loadtest.scenarios rollout|failover|overload|overload-app|slow-worker [--json OUT]
+    python -m loadtest.scenarios rollout|failover|overload|overload-app|slow-worker|degrade|http-bound [--json OUT]
 """
 
 from __future__ import annotations
@@ -256,7 +256,7 @@ def overload(capacity_factor: float = 10.0) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtest.scenarios", description=__doc__.split("\n\n")[0])
-    names = ["rollout", "failover", "overload", "overload-app", "slow-worker", "http-bound"]
+    names = ["rollout", "failover", "overload", "overload-app", "slow-worker", "degrade", "http-bound"]
     ap.add_argument("scenario", choices=names)
     ap.add_argument("--rate", type=float, default=None, help="steady rate (default 100 rollout, 150 failover)")
     ap.add_argument("--json", type=Path, default=None)
@@ -265,12 +265,13 @@ def main(argv: list[str] | None = None) -> int:
         result = rollout(args.rate or 100.0)
     elif args.scenario == "failover":
         result = failover(args.rate or 150.0)
-    elif args.scenario in ("overload-app", "slow-worker", "http-bound"):
+    elif args.scenario in ("overload-app", "slow-worker", "degrade", "http-bound"):
         from loadtest import tail_scenarios
 
         run = {
             "overload-app": tail_scenarios.overload_app,
             "slow-worker": tail_scenarios.slow_worker,
+            "degrade": tail_scenarios.degrade,
             "http-bound": tail_scenarios.http_bound,
         }[args.scenario]
         result = run(args.rate)

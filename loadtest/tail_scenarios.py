@@ -11,12 +11,16 @@ after the flood takes.
 hedging (the default) and one with ``--hedge-budget 0``; the same steady open-loop load on each in
 turn, twice. p50/p99/p99.9 side by side, hedges sent and won, stalls the worker made.
 
+``degrade``: ``tandem up --workers 2`` with and without admission at the door, for one-instance and
+256-instance bodies: the held maximum searched (:mod:`loadtest.degrade`), then 1.5x and 3x of it offered;
+the 200s kept as a share of the maximum, the refusals and how fast they came, client timeouts.
+
 ``http-bound``: the small demo model, where HTTP costs more than the model: one FastAPI process with
 the model inside, Tandem with one app server, and Tandem with one app server per CPU sharing the port
 (``tandem up --apps N``); the highest rate each holds within a 50 ms p99 and no errors, side by side in
 one run (``loadtest.bench``'s search, short steps).
 
-    python -m loadtest.scenarios overload-app|slow-worker|http-bound [--rate R] [--json OUT]
+    python -m loadtest.scenarios overload-app|slow-worker|degrade|http-bound [--rate R] [--json OUT]
 """
 
 from __future__ import annotations
@@ -91,6 +95,27 @@ def overload_app(rate: float | None = None) -> dict[str, Any]:
             out[name] = {**summary(flood), "refused_at_the_door": refusals, "first_after": {"status": status, "ms": ms}}
         finally:
             up.stop()
+    return out
+
+
+def degrade(rate: float | None = None) -> dict[str, Any]:
+    from loadtest import degrade as graceful
+
+    out: dict[str, Any] = {"scenario": "degrade", "client_timeout_ms": graceful.CLIENT_TIMEOUT_MS}
+    for body_name, body, start in (("1-instance", BODY, rate or 200.0), ("256-instance", BIG, (rate or 200.0) / 5)):
+        for name, env in (("admission", {}), ("no_admission", {"TANDEM_ADMISSION": "false"})):
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                up = Up("--workers", "2")
+            finally:
+                for k, v in saved.items():
+                    os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            try:
+                first_request_ms(up.url, body)  # the version's spec described, encoders warm
+                out[f"{body_name}/{name}"] = graceful.degrade(up.url, body, start=start)
+            finally:
+                up.stop()
     return out
 
 

@@ -102,6 +102,12 @@ def test_summary_fields_counts_and_throughput():
     assert s["throughput"] == 2.0
     assert (s["p50_ms"], s["p99_ms"], s["max_ms"]) == (2.0, 9.0, 9.0)
     assert s["versions"] == {"1": 4}
+    assert s["refused_p99_ms"] is None  # no refusal latencies given
+
+
+def test_refusals_report_how_long_they_took():
+    s = openloop.summarize(10.0, [3.0], Counter(ok=1, **{"503": 3}), Counter(), 1.0, [2.0, 40.0, 5.0])
+    assert s["refused_p99_ms"] == 40.0
 
 
 def test_fixed_schedule_is_evenly_spaced_and_exact():
