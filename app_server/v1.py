@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -20,7 +19,7 @@ from app_server import metrics, traffic
 from app_server.api_models import Healthy, ModelEntry, ModelList, PredictAnswer, Ready, responses
 from app_server.catalog import ModelCatalog
 from app_server.disconnect import DisconnectWatch
-from app_server.http_io import budget_s, json_response, read_json
+from app_server.http_io import budget_s, json_response, new_request_id, read_json
 from app_server.http_metrics import label_model
 from app_server.predict import Predictor
 from app_server.schemas import PREDICTION_HEADERS, predict_body_schema
@@ -53,7 +52,7 @@ def _catalog(request: Request) -> ModelCatalog:
 
 
 def _request_id(request: Request) -> str:
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    request_id = request.headers.get("x-request-id") or new_request_id()
     request.state.request_id = request_id
     return request_id
 

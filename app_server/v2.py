@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from typing import Any
 
 import orjson
@@ -31,6 +30,7 @@ from app_server.api_models import (
 )
 from app_server.catalog import ModelCatalog
 from app_server.failover import Dispatcher, Prepared
+from app_server.http_io import new_request_id
 from app_server.http_metrics import label_model
 from app_server.predict import Predictor
 from app_server.schemas import PREDICTION_HEADERS
@@ -219,7 +219,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     # The body's id names the request when no header does, if it can be a header value: it is echoed
     # in X-Request-ID, and a newline or a non-Latin-1 character there would break the answer.
     header_id = req_id if req_id and HEADER_SAFE.fullmatch(req_id) else None
-    request_id = request.state.request_id = request.state.request_id or header_id or uuid.uuid4().hex
+    request_id = request.state.request_id = request.state.request_id or header_id or new_request_id()
     deadline = deadline_of(request, header, settings.timeout_ms)
     # Checked against the signature of the version it will most likely run on, before any worker
     # is involved; re-checked below should a swap change the signature meanwhile.
