@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from procs import wait_for, wait_ready
+from procs import AppProc, WorkerProc, app, wait_for, wait_ready, worker
 
 from shared import registry
 from shared.features import load_spec
 
 
-@pytest.fixture
-def running(stack, demo_registry):
-    w = stack.worker(demo_registry.uri)
-    a = stack.app([w.endpoint])
-    wait_ready(a)
-    return a, w
+@pytest.fixture(scope="module")
+def running(demo_registry, tmp_path_factory) -> Iterator[tuple[AppProc, WorkerProc]]:
+    """One worker and one app server for the tests that only send requests (each compares counters
+    before and after, so they share it): starting a stack per test cost about 4.5 s each."""
+    logs = tmp_path_factory.mktemp("predict")
+    w = worker(demo_registry.uri, logs)
+    a = app([w.endpoint], logs)
+    try:
+        wait_ready(a)
+        yield a, w
+    except BaseException:
+        print(f"----- app log -----\n{a.log()[-3000:]}\n----- worker log -----\n{w.log()[-3000:]}")
+        raise
+    finally:
+        a.stop()
+        w.stop()
 
 
 def local_model(demo_registry, tmp_path):
