@@ -32,6 +32,12 @@ MAD_TO_SIGMA = 1.4826
 """Scales a median absolute deviation to a normal standard deviation."""
 TRIM = 4.0
 """Observations farther than this many robust deviations from the fit are treated as outliers."""
+REFIT_BATCHES = (4, 16)
+"""A refit once this many batches (fewest, most) have run since the last, the fewest once they held
+``REFIT_ROWS`` rows. A refit (two least-squares fits and four medians over the window) took a fifth of
+a worker's CPU at low load when it ran every 4th batch, where every batch is one request and the line
+hardly moves; under load, where large batches decide what is shed, it still refits every 4th batch."""
+REFIT_ROWS = 64
 
 
 class CostModel:
@@ -58,6 +64,7 @@ class CostModel:
         self.sigma = 0.0
         """Robust standard deviation of recent observations around the line (seconds)."""
         self._since_fit = 0
+        self._rows_since_fit = 0
 
     def seed(self, timings: Mapping[int, float]) -> None:
         """Use warm-up timings (seconds per batch size) as the prior the live fit starts from."""
@@ -69,12 +76,15 @@ class CostModel:
         self._fit()
 
     def observe(self, rows: int, seconds: float) -> None:
-        """Record one executed batch. Refits at once while data is scarce, then every few batches."""
+        """Record one executed batch. Refits at once while data is scarce, then every ``REFIT_BATCHES``."""
         if rows <= 0 or not seconds > 0 or not math.isfinite(seconds):
             return
         self._obs.append((rows, seconds))
         self._since_fit += 1
-        if len(self._obs) < 16 or self._since_fit >= 4:
+        self._rows_since_fit += rows
+        fewest, most = REFIT_BATCHES
+        due = self._since_fit >= most or (self._since_fit >= fewest and self._rows_since_fit >= REFIT_ROWS)
+        if len(self._obs) < 16 or due:
             self._fit()
 
     @property
@@ -94,7 +104,7 @@ class CostModel:
         return t + max(3.0 * self.sigma, 0.05 * t)
 
     def _fit(self) -> None:
-        self._since_fit = 0
+        self._since_fit = self._rows_since_fit = 0
         n = len(self._obs)
         pts = list(self._obs) + self._seed
         b = np.array([p[0] for p in pts], dtype=np.float64)
