@@ -19,6 +19,7 @@ from typing import Any
 from loadtest import openloop
 
 CLIENT_TIMEOUT_MS = 1000
+"""The callers' timeout: an answer later than this is a client timeout, whatever its status."""
 
 
 REFUSED_SHARE = 0.01

@@ -36,14 +36,15 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from loadtest import degrade as graceful
 from loadtest import openloop
+from loadtest.degrade import CLIENT_TIMEOUT_MS
 from loadtest.scenarios import BODY, Up, _tandem, http_get_status
 from loadtest.servers import free_port, http_get
 
 BIG = json.dumps(
     {"instances": [{"amount": float(i), "merchant_category": "travel", "channel": "web"} for i in range(256)]}
 ).encode()
-CLIENT_TIMEOUT_MS = 1000
 
 
 def summary(r: dict[str, Any]) -> dict[str, Any]:
@@ -73,17 +74,22 @@ def first_request_ms(url: str, body: bytes = BODY) -> tuple[int, float]:
     return status, round((time.monotonic() - t0) * 1000, 2)
 
 
+def up_with(env: dict[str, str]) -> Up:
+    """``tandem up --workers 2`` with ``env`` added to this process's environment while it starts."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return Up("--workers", "2")
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
 def overload_app(rate: float | None = None) -> dict[str, Any]:
     rate = rate or 600.0
     out: dict[str, Any] = {"scenario": "overload-app", "rate": rate, "seconds": 12, "instances": 256}
     for name, env in (("admission", {}), ("no_admission", {"TANDEM_ADMISSION": "false"})):
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            up = Up("--workers", "2")
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        up = up_with(env)
         try:
             first_request_ms(up.url, BIG)  # the version's spec described, encoders warm
             flood = openloop.run(
@@ -99,18 +105,10 @@ def overload_app(rate: float | None = None) -> dict[str, Any]:
 
 
 def degrade(rate: float | None = None) -> dict[str, Any]:
-    from loadtest import degrade as graceful
-
-    out: dict[str, Any] = {"scenario": "degrade", "client_timeout_ms": graceful.CLIENT_TIMEOUT_MS}
+    out: dict[str, Any] = {"scenario": "degrade", "client_timeout_ms": CLIENT_TIMEOUT_MS}
     for body_name, body, start in (("1-instance", BODY, rate or 200.0), ("256-instance", BIG, (rate or 200.0) / 5)):
         for name, env in (("admission", {}), ("no_admission", {"TANDEM_ADMISSION": "false"})):
-            saved = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            try:
-                up = Up("--workers", "2")
-            finally:
-                for k, v in saved.items():
-                    os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            up = up_with(env)
             try:
                 first_request_ms(up.url, body)  # the version's spec described, encoders warm
                 out[f"{body_name}/{name}"] = graceful.degrade(up.url, body, start=start)
