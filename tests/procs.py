@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,3 +196,20 @@ def wait_ready(app_proc: AppProc, timeout: float = 60.0) -> None:
         return httpx.get(f"{app_proc.url}/readyz", timeout=2).status_code == 200
 
     wait_for(ready, timeout, what=f"{app_proc.url}/readyz == 200")
+
+
+@contextlib.contextmanager
+def one_worker_stack(registry_uri: str, logs: Path) -> Iterator[tuple[AppProc, WorkerProc]]:
+    """One worker and one app server, ready, for a module's tests that only send requests (starting a
+    stack per test costs seconds); both logs are printed if it does not get ready."""
+    w = worker(registry_uri, logs)
+    a = app([w.endpoint], logs)
+    try:
+        wait_ready(a)
+        yield a, w
+    except BaseException:
+        print(f"----- app log -----\n{a.log()[-3000:]}\n----- worker log -----\n{w.log()[-3000:]}")
+        raise
+    finally:
+        a.stop()
+        w.stop()

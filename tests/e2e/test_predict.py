@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from procs import AppProc, WorkerProc, app, wait_for, wait_ready, worker
+from procs import AppProc, WorkerProc, one_worker_stack, wait_for, wait_ready
 
 from shared import registry
 from shared.features import load_spec
@@ -18,18 +18,8 @@ from shared.features import load_spec
 def running(demo_registry, tmp_path_factory) -> Iterator[tuple[AppProc, WorkerProc]]:
     """One worker and one app server for the tests that only send requests (each compares counters
     before and after, so they share it): starting a stack per test cost about 4.5 s each."""
-    logs = tmp_path_factory.mktemp("predict")
-    w = worker(demo_registry.uri, logs)
-    a = app([w.endpoint], logs)
-    try:
-        wait_ready(a)
-        yield a, w
-    except BaseException:
-        print(f"----- app log -----\n{a.log()[-3000:]}\n----- worker log -----\n{w.log()[-3000:]}")
-        raise
-    finally:
-        a.stop()
-        w.stop()
+    with one_worker_stack(demo_registry.uri, tmp_path_factory.mktemp("predict")) as served:
+        yield served
 
 
 def local_model(demo_registry, tmp_path):

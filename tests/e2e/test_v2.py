@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-from procs import AppProc, WorkerProc, app, wait_for, wait_ready, worker
+from procs import AppProc, WorkerProc, app, one_worker_stack, wait_for, wait_ready
 
 from shared.features import FeatureSpec, load_spec
 
@@ -27,18 +27,8 @@ INSTANCES = [
 @pytest.fixture(scope="module")
 def served(demo_registry, tmp_path_factory) -> Iterator[tuple[AppProc, WorkerProc]]:
     """One worker and one app server for the whole module (starting a stack per test costs seconds)."""
-    logs = tmp_path_factory.mktemp("v2")
-    w = worker(demo_registry.uri, logs)
-    a = app([w.endpoint], logs)
-    try:
-        wait_ready(a)
-        yield a, w
-    except BaseException:
-        print(f"----- app log -----\n{a.log()[-3000:]}\n----- worker log -----\n{w.log()[-3000:]}")
-        raise
-    finally:
-        a.stop()
-        w.stop()
+    with one_worker_stack(demo_registry.uri, tmp_path_factory.mktemp("v2")) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
