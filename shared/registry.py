@@ -16,9 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-from shared import integrity
+from shared import integrity, registry_db
 from shared.errors import IntegrityError
 from shared.versions import version_key
 
@@ -44,18 +43,14 @@ class VersionRef:
 def client(uri: str) -> Any:
     from mlflow import MlflowClient  # imported lazily: MLflow costs ~1.5 s to import
 
+    registry_db.prepare(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _artifact_root(uri: str) -> str | None:
     """Artifacts of a sqlite registry live beside its database file, not in the caller's cwd."""
-    parsed = urlparse(uri)
-    if parsed.scheme != "sqlite":
-        return None
-    db = Path(uri.removeprefix("sqlite:///"))
-    if not db.is_absolute():
-        db = Path("/" + uri.removeprefix("sqlite://").lstrip("/"))
-    return (db.parent / "artifacts").resolve().as_uri()
+    db = registry_db.sqlite_path(uri)
+    return None if db is None else (db.parent / "artifacts").resolve().as_uri()
 
 
 def _experiment_id(c: Any, uri: str) -> str:

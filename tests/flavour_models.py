@@ -61,7 +61,10 @@ def log_and_register(
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
+    from shared import registry_db
+
     x, y = frame(rows, seed)
+    registry_db.prepare(uri)  # as Tandem's own registry calls do: a new sqlite registry without migrations
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     experiment = _experiment(uri)
