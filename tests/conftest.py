@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/procs.py
 
-from procs import AppProc, Proc, WorkerProc, app, worker
+from procs import AppProc, Proc, WorkerProc, app, stop_all, worker
 
 from shared import registry
 from shared.settings import home_registry_uri
@@ -92,8 +92,7 @@ def stack(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Stack]:
     """Start worker/app processes through this; all are stopped (and their logs shown on failure)."""
     s = Stack(tmp_path / "logs", [])
     yield s
-    for p in s.procs:
-        p.stop()
+    stop_all(s.procs)
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:
         for p in s.procs:
