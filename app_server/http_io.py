@@ -21,6 +21,15 @@ MAX_TIMEOUT_MS = 60_000.0
 # The prefix keeps ids unique across app server replicas and restarts.
 _ID_PREFIX = os.urandom(8).hex()
 _ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4)))
+
+
+def _new_id_prefix() -> None:
+    """A forked child (a process manager forking app servers) must not repeat its parent's ids."""
+    global _ID_PREFIX
+    _ID_PREFIX = os.urandom(8).hex()
+
+
+os.register_at_fork(after_in_child=_new_id_prefix)
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 

@@ -21,3 +21,16 @@ def test_two_processes_never_share_ids() -> None:
     first, second = (set(r.stdout.split()) for r in runs)
     assert len(first) == len(second) == 100
     assert not first & second
+
+
+def test_a_forked_child_gets_its_own_prefix() -> None:
+    import os
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: send one id and leave at once
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    assert child[:16] != new_request_id()[:16]
